@@ -1,0 +1,101 @@
+"""Configuration dataclasses and the protocol's defaults, in one place.
+
+Every default of `../shared/docs/protocol.md` that the package implements lives here, and
+every run writes the resolved values next to its outputs (`dataclasses.asdict`). Where the
+protocol is silent, the choice made is documented on the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# TCGA in the paper: 9349 samples -> 7291 pre-training / 1029 fine-tuning / 1029 test.
+# The default fractions reproduce that ratio (1029 / 9349 = 0.110).
+TCGA_FINETUNE_FRACTION = 1029 / 9349
+# ARCHS4: 50,997 / 1142 / 1142 (1142 / 53,281 = 0.0214); a preset for ARCHS4-like data.
+ARCHS4_FINETUNE_FRACTION = 1142 / 53281
+
+
+@dataclass
+class SplitConfig:
+    """How samples are split (protocol.md, "Splits").
+
+    Attributes:
+        finetune_size: fraction (0 < f < 1) of the labelled samples, or a count (>= 1),
+            that forms the labelled fine-tuning set (its training and validation parts).
+        test_size: fraction or count for the test set; None means "the size of the
+            fine-tuning set", as in the paper.
+        val_fraction: fraction of both the pre-training and the fine-tuning set held out
+            for validation (15%).
+        min_class_size: classes with fewer samples cannot be stratified into test,
+            fine-tuning training and fine-tuning validation (one each) plus pre-training
+            (one each for training and validation); the converter refuses them unless
+            `drop_small_classes` is set, in which case their samples are dropped and
+            counted in the report.
+        seed: int, the split seed. Splits are deterministic given the seed and are saved
+            as `splits.csv`.
+    """
+
+    finetune_size: float = TCGA_FINETUNE_FRACTION
+    test_size: float | None = None
+    val_fraction: float = 0.15
+    min_class_size: int = 5
+    drop_small_classes: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ConversionConfig:
+    """How a source is turned into TFRecords.
+
+    Attributes:
+        values: what the source holds: `counts`, `tpm` (both non-negative; the transform
+            is applied) or `log2` (already log-transformed, e.g. UCSC Xena matrices:
+            stored as they are so that log is never applied twice).
+        transform: `log2p1` (`log2(x + 1)`, the protocol default), `log1p` (natural),
+            `cpm_log2p1` (counts per million over all genes of the sample, then
+            `log2(x + 1)`) or `none`. Ignored (forced to `none`) for `values="log2"`.
+        record_dtype: `float16` (default: half the bytes, twice the read rate, error far
+            below technical noise) or `float32` (exact).
+        shards: number of shards for the largest split; smaller splits get
+            proportionally fewer (at least one), so every shard holds a similar number
+            of records.
+        block_size: samples read from the source at a time; bounds memory.
+        duplicate_genes: `error`, or how rows with the same gene id are merged: `sum`
+            (counts of the same gene from several rows), `mean`, `first` or `unique`
+            (renamed `ID`, `ID-2`, ...). Every merge is reported.
+        strip_versions: strip Ensembl version suffixes (`ENSG00000000003.15` ->
+            `ENSG00000000003`), so that sources on different GENCODE releases align.
+        par_y: `drop` (default) or `keep` the GENCODE `_PAR_Y` rows (pseudo-autosomal
+            copies on chromosome Y, duplicates of the X rows, all zero in GDC files).
+        missing_values: `error` on any NaN / missing cell (default), `zero` (set to 0)
+            or `drop-genes` (remove genes with any missing value); counts reported.
+        missing_labels: when a labelled dataset has samples without a label: `error`
+            (default), `unlabelled` (they join the pre-training split with label -1) or
+            `drop` (removed); counts reported.
+        min_variance: genes whose variance of the stored values on the pre-training split
+            is at or below this are dropped (protocol: zero-variance genes), recorded in
+            the manifest.
+        align_min_overlap: when aligning to another dataset's gene list, refuse if fewer
+            than this fraction of the target's genes are matched.
+    """
+
+    values: str = "counts"
+    transform: str = "log2p1"
+    record_dtype: str = "float16"
+    shards: int = 8
+    block_size: int = 1024
+    duplicate_genes: str = "error"
+    strip_versions: bool = True
+    par_y: str = "drop"
+    missing_values: str = "error"
+    missing_labels: str = "error"
+    min_variance: float = 0.0
+    align_min_overlap: float = 0.5
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+def to_dict(config) -> dict:
+    """The resolved values of a config dataclass, for writing next to outputs."""
+    return dataclasses.asdict(config)

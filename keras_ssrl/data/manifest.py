@@ -1,0 +1,153 @@
+"""The dataset manifest: what a TFRecord folder holds and how to read it.
+
+`manifest.json` sits beside the shards and is the single description of a dataset:
+ordered gene list, label vocabulary, value transform, record encoding, per-gene
+statistics fitted on the pre-training split, shards with record counts and sha256, the
+split configuration and the command line that produced it. The reader, the integrity
+check, alignment and (later) model export read it; nothing is inferred from file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+
+from keras_ssrl.data import schema
+from keras_ssrl.data.errors import DataError
+
+MANIFEST = "manifest.json"
+SPLITS_CSV = "splits.csv"
+FORMAT_NAME = "keras_ssrl.tfrecord"
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(directory: str, name: str) -> str:
+    """Joins paths for local folders and `gs://` / `s3://` URLs alike."""
+    if _is_remote(directory):
+        return posixpath.join(str(directory), name)
+    return os.path.join(directory, name)
+
+
+def open_file(path: str, mode: str = "rb"):
+    """Opens local files directly and remote ones through TensorFlow's filesystems."""
+    if _is_remote(path):
+        import tensorflow as tf
+
+        from keras_ssrl.data import filesystems
+
+        filesystems.register()
+        return tf.io.gfile.GFile(path, mode)
+    return open(path, mode)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open_file(path, "rb") as handle:
+        while True:
+            data = handle.read(chunk)
+            if not data:
+                break
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON to a temporary name, then renames: readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1, allow_nan=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    """A parsed `manifest.json`, with the folder it came from."""
+
+    directory: str
+    data: dict
+
+    @classmethod
+    def load(cls, directory: str) -> Manifest:
+        directory = str(directory)
+        path = join(directory, MANIFEST)
+        try:
+            with open_file(path, "rb") as handle:
+                data = json.loads(handle.read().decode("utf-8"))
+        except FileNotFoundError:
+            raise DataError(
+                f"{directory}: no {MANIFEST}; is this a folder written by "
+                "tfrecords_tools/convert.py?"
+            ) from None
+        except (OSError, ValueError) as error:
+            if "NotFound" in type(error).__name__:
+                raise DataError(f"{directory}: no {MANIFEST}") from None
+            raise DataError(f"{path}: unreadable manifest ({error})") from None
+        if data.get("format") != FORMAT_NAME:
+            raise DataError(f"{path}: not a keras_ssrl dataset manifest")
+        version = data.get("schema_version")
+        if version != schema.SCHEMA_VERSION:
+            raise DataError(
+                f"{path}: schema version {version} is not supported by this keras_ssrl "
+                f"(expects {schema.SCHEMA_VERSION}); re-run the conversion"
+            )
+        return cls(directory, data)
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.data["n_genes"])
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.data["genes"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.data.get("labels") or [])
+
+    @property
+    def record_dtype(self) -> str:
+        return self.data["record_dtype"]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.data["statistics"]["mean"], dtype=np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.asarray(self.data["statistics"]["std"], dtype=np.float32)
+
+    @property
+    def split_names(self) -> list[str]:
+        return [s for s in schema.SPLITS if s in self.data["splits"]]
+
+    def split(self, name: str) -> dict:
+        splits = self.data["splits"]
+        if name not in splits:
+            raise DataError(
+                f"{self.directory}: no split {name!r}; it has "
+                f"{', '.join(self.split_names)}"
+            )
+        return splits[name]
+
+    def num_records(self, split: str) -> int:
+        return int(self.split(split)["num_records"])
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [join(self.directory, s["file"]) for s in self.split(split)["shards"]]
+
+    def is_labelled(self, split: str) -> bool:
+        return bool(self.labels) and self.split(split).get("num_labelled", 0) > 0
+
+    def digest(self) -> str:
+        """sha256 of the manifest content: identifies the dataset a model saw."""
+        text = json.dumps(self.data, sort_keys=True).encode("utf-8")
+        return hashlib.sha256(text).hexdigest()

@@ -1,0 +1,95 @@
+"""Value transforms and per-gene statistics.
+
+The transform (`log2(x + 1)` by default) is applied once at conversion, and the records
+store transformed values; standardisation (z-score per gene) is applied in the graph by
+the reader and by the exported model, with statistics fitted on the pre-training split
+only (protocol.md: fitting on all data leaks test information).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from keras_ssrl.data.errors import DataError
+
+VALUE_KINDS = ("counts", "tpm", "log2")
+TRANSFORMS = ("log2p1", "log1p", "cpm_log2p1", "none")
+
+
+def resolve_transform(values: str, transform: str) -> str:
+    """The transform actually applied: none for values that are already log-scale."""
+    if values not in VALUE_KINDS:
+        raise DataError(
+            f"unknown --values {values!r}; choose one of {', '.join(VALUE_KINDS)}"
+        )
+    if transform not in TRANSFORMS:
+        raise DataError(
+            f"unknown --transform {transform!r}; choose one of {', '.join(TRANSFORMS)}"
+        )
+    return "none" if values == "log2" else transform
+
+
+def apply_transform(values: np.ndarray, transform: str) -> np.ndarray:
+    """Applies a transform to a `(samples, genes)` block of non-negative values.
+
+    `cpm_log2p1` scales each sample to counts per million over the genes given, so it
+    must see every gene of the sample (the converter calls it before dropping genes).
+    """
+    if transform == "none":
+        return values
+    if transform == "log2p1":
+        return np.log2(values + 1.0)
+    if transform == "log1p":
+        return np.log1p(values)
+    if transform == "cpm_log2p1":
+        totals = values.sum(axis=1, keepdims=True)
+        totals[totals == 0] = 1.0
+        return np.log2(values * (1e6 / totals) + 1.0)
+    raise DataError(f"unknown transform {transform!r}")
+
+
+@dataclass
+class RunningMoments:
+    """Per-gene mean and variance accumulated over blocks (Chan et al.'s merge).
+
+    Float64 accumulators, so millions of samples do not lose precision; memory is two
+    vectors of the gene count whatever the number of samples.
+    """
+
+    n: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def update(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float64)
+        if block.shape[0] == 0:
+            return
+        n_b = block.shape[0]
+        mean_b = block.mean(axis=0)
+        m2_b = ((block - mean_b) ** 2).sum(axis=0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / total)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / total)
+        self.n = total
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Population variance (1/N), as the z-score of the protocol uses."""
+        return self.m2 / max(self.n, 1)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.variance)
+
+
+def standardize_numpy(values: np.ndarray, mean, std) -> np.ndarray:
+    """NumPy reference of the in-graph standardisation."""
+    return (np.asarray(values, np.float32) - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )

@@ -1,0 +1,5 @@
+"""Build stub: the package metadata lives in setup.cfg."""
+
+from setuptools import setup
+
+setup()
