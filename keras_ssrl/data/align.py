@@ -1,0 +1,147 @@
+"""Re-writing a converted dataset onto another dataset's gene list.
+
+The `archs4_to_tcga` setting pre-trains on one source and fine-tunes on another, on the
+genes they share (protocol.md: ARCHS4 -> TCGA used 55,747 common genes). Both datasets
+must then hold the same genes in the same order. `rewrite_onto` keeps the genes of a
+dataset that are also in a target list, in the target's order, and writes a new folder
+with the same splits, shard layout and statistics (per-gene statistics of the kept genes
+are unchanged, so nothing is refitted and nothing leaks).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+
+from keras_ssrl.data import schema
+from keras_ssrl.data.convert import finish_output, prepare_output
+from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.genes import align_genes
+from keras_ssrl.data.manifest import (
+    MANIFEST,
+    SPLITS_CSV,
+    Manifest,
+    open_file,
+    sha256_file,
+    write_json_atomic,
+)
+
+
+def target_genes(target: str) -> tuple[list[str], str]:
+    """A gene list from a dataset folder (its manifest) or a text file (one per line)."""
+    if os.path.isdir(target) or "://" in target:
+        manifest = Manifest.load(target)
+        return manifest.genes, os.path.basename(os.path.normpath(target))
+    try:
+        with open(target, encoding="utf-8") as handle:
+            genes = [line.strip() for line in handle if line.strip()]
+    except OSError as error:
+        raise DataError(f"{target}: cannot read the gene list ({error})") from None
+    if not genes:
+        raise DataError(f"{target}: the gene list is empty")
+    return genes, os.path.basename(target)
+
+
+def rewrite_onto(
+    data_dir: str,
+    genes: Sequence[str],
+    out_dir: str,
+    *,
+    target_name: str = "target",
+    min_overlap: float = 0.5,
+    overwrite: bool = False,
+    command: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Writes `data_dir` restricted to `genes` (in their order) into `out_dir`.
+
+    Args:
+        data_dir: str, a converted dataset folder.
+        genes: the target gene list.
+        out_dir: str, the new folder.
+        target_name: how the manifest and messages name the target.
+        min_overlap: float, refuse when fewer than this fraction of the target genes is
+            found in the dataset.
+        overwrite: bool, replace an existing `out_dir`.
+        command: the command line, recorded in the manifest.
+        log: callable receiving progress lines.
+
+    Returns:
+        The `Manifest` of the new dataset.
+    """
+    import tensorflow as tf
+
+    manifest = Manifest.load(data_dir)
+    alignment = align_genes(
+        manifest.genes, list(genes), min_overlap, source_name=str(data_dir),
+        target_name=target_name,
+    )
+    columns = alignment.source_indices
+    log(
+        f"{alignment.n_matched} of {alignment.n_target} genes of {target_name} found in "
+        f"{data_dir} ({manifest.n_genes} genes); writing them in {target_name}'s order"
+    )
+    tmp = prepare_output(out_dir, overwrite)
+    try:
+        data = copy.deepcopy(manifest.data)
+        for split in manifest.split_names:
+            for shard, path in zip(data["splits"][split]["shards"],
+                                   manifest.shard_paths(split)):
+                out_path = os.path.join(tmp, shard["file"])
+                ds = tf.data.TFRecordDataset(path).batch(512).map(
+                    lambda s: schema.parse_batch(
+                        s, manifest.n_genes, manifest.record_dtype
+                    )
+                )
+                count = 0
+                with tf.io.TFRecordWriter(out_path) as writer:
+                    for batch in ds:
+                        values = batch[schema.EXPRESSION].numpy()[:, columns]
+                        for sid, row, label in zip(
+                            batch[schema.SAMPLE_ID].numpy(), values,
+                            batch[schema.LABEL].numpy(),
+                        ):
+                            writer.write(schema.serialize_example(
+                                sid.decode("utf-8"), row, int(label),
+                                manifest.record_dtype,
+                            ))
+                            count += 1
+                shard.update(
+                    num_records=count, sha256=sha256_file(out_path),
+                    bytes=os.path.getsize(out_path),
+                )
+        with open_file(os.path.join(str(data_dir), SPLITS_CSV), "rb") as src, open(
+            os.path.join(tmp, SPLITS_CSV), "wb"
+        ) as dst:
+            dst.write(src.read())
+        stats = data["statistics"]
+        stats["mean"] = [stats["mean"][c] for c in columns]
+        stats["std"] = [stats["std"][c] for c in columns]
+        data["genes"] = list(alignment.genes)
+        data["n_genes"] = alignment.n_matched
+        data["alignment"] = {
+            "target": target_name,
+            "rewritten_from": str(data_dir),
+            **alignment.report(),
+        }
+        data["command"] = list(command) if command is not None else list(sys.argv)
+        write_json_atomic(os.path.join(tmp, MANIFEST), data)
+        finish_output(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if alignment.n_matched < alignment.n_target:
+        log(
+            f"note: {alignment.n_target - alignment.n_matched} genes of {target_name} "
+            f"are not in {data_dir}; re-write {target_name} onto {out_dir} as well so "
+            "that both hold the same genes"
+        )
+    return Manifest.load(os.path.abspath(out_dir))
+
+
+def same_genes(a: Manifest, b: Manifest) -> bool:
+    """Whether two datasets hold the same genes in the same order."""
+    return a.genes == b.genes
