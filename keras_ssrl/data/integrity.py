@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,33 @@ class InspectionReport:
                 f"{a['n_target_genes']} target genes"
             )
         return "\n".join(lines)
+
+
+def clean_tf_error(error: Exception) -> str:
+    """The useful part of a TensorFlow op error ("corrupted record at 363")."""
+    message = getattr(error, "message", None) or str(error)
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
+    message = re.sub(r"\s*\[Op:[^\]]*\].*$", "", message, flags=re.S)
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def find_damaged_shards(directory: str, split: str) -> list[str]:
+    """Scans the shards of one split and names those that cannot be read.
+
+    Call it when training stops on a `tf.errors.DataLossError`, whose message gives a
+    byte offset but not the file: the result says which shard to re-copy.
+    """
+    manifest = Manifest.load(directory)
+    damaged = []
+    for shard, path in zip(manifest.split(split)["shards"], manifest.shard_paths(split)):
+        try:
+            count, _ = _check_records(manifest, path, shard["num_records"])
+        except Exception as error:  # noqa: BLE001 - any failure marks the shard
+            damaged.append(f"{path}: {clean_tf_error(error)}")
+            continue
+        if count != shard["num_records"]:
+            damaged.append(f"{path}: {count} records, manifest says {shard['num_records']}")
+    return damaged
 
 
 def _check_records(manifest: Manifest, path: str, expected: int) -> tuple[int, list]:
@@ -114,8 +142,9 @@ def inspect_dataset(directory: str, checksums: bool = True) -> InspectionReport:
             try:
                 count, ids = _check_records(manifest, path, shard["num_records"])
             except (tf.errors.OpError, ValueError) as error:
-                message = getattr(error, "message", str(error)).splitlines()[0]
-                report.problems.append(f"{path}: unreadable record ({message})")
+                report.problems.append(
+                    f"{path}: unreadable record ({clean_tf_error(error)})"
+                )
                 continue
             report.records_checked += count
             if count != shard["num_records"]:

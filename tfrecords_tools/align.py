@@ -1,0 +1,55 @@
+"""Re-write a converted dataset onto another dataset's gene list.
+
+Usage (the archs4_to_tcga setting: both datasets on their common genes):
+
+    python tfrecords_tools/align.py data/archs4 --to data/tcga --out data/archs4_on_tcga
+    python tfrecords_tools/align.py data/tcga --to data/archs4_on_tcga \
+        --out data/tcga_on_common
+
+Keeps the genes of DATASET that are also in --to (a dataset folder or a text file with
+one gene id per line), in the order of --to, and reports how many matched; refuses when
+fewer than --min-overlap of the target's genes are found. Splits, shards and per-gene
+statistics (fitted on the pre-training split) are carried over unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This folder holds a script named inspect.py: keep it (and its neighbours) from
+# shadowing the standard library's `inspect`, which numpy and TensorFlow import.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import argparse  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_ssrl.data import DataError  # noqa: E402
+from keras_ssrl.data.align import rewrite_onto, target_genes  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", help="the converted dataset to re-write")
+    parser.add_argument("--to", required=True, help="dataset folder or gene-list file")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--min-overlap", type=float, default=0.5)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        genes, name = target_genes(args.to)
+        rewrite_onto(
+            args.dataset, genes, args.out, target_name=name,
+            min_overlap=args.min_overlap, overwrite=args.overwrite,
+            command=sys.argv if argv is None else argv,
+        )
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
