@@ -74,6 +74,10 @@ def dataset_dir(tmp_path_factory, matrix):
     counts, samples, genes, labels = matrix
     out = tmp_path_factory.mktemp("ds") / "data"
     config = ConversionConfig(record_dtype="float32", shards=4)
-    convert(array_source(counts, samples, genes, labels), str(out), config,
-            log=lambda _: None)
+    convert(
+        array_source(counts, samples, genes, labels),
+        str(out),
+        config,
+        log=lambda _: None,
+    )
     return str(out)

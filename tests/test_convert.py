@@ -18,8 +18,9 @@ QUIET = {"log": lambda _: None}
 
 
 def read_split(directory, split, standardize=False):
-    ds = load_dataset(directory, split, 64, standardize=standardize,
-                      with_sample_ids=True)
+    ds = load_dataset(
+        directory, split, 64, standardize=standardize, with_sample_ids=True
+    )
     xs, ys, ids = [], [], []
     for x, y, sid in ds:
         xs.append(x.numpy())
@@ -69,8 +70,9 @@ def test_manifest_contents(dataset_dir, matrix):
         for shard in info["shards"]:
             assert shard["file"].startswith(f"{split}-")
             assert len(shard["sha256"]) == 64
-            assert os.path.getsize(os.path.join(dataset_dir, shard["file"])) == (
-                shard["bytes"]
+            assert (
+                os.path.getsize(os.path.join(dataset_dir, shard["file"]))
+                == (shard["bytes"])
             )
         total += info["num_records"]
     assert total == len(samples)
@@ -102,17 +104,28 @@ def test_statistics_fitted_on_pretraining_split_only(tmp_path, matrix):
 def test_splits_are_stratified_and_deterministic(tmp_path):
     counts, samples, genes, labels = small_matrix(n_samples=400, n_classes=4)
     config = ConversionConfig(split=SplitConfig(finetune_size=0.2, seed=3))
-    convert(array_source(counts, samples, genes, labels), str(tmp_path / "a"), config,
-            **QUIET)
-    convert(array_source(counts, samples, genes, labels), str(tmp_path / "b"), config,
-            **QUIET)
+    convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "a"),
+        config,
+        **QUIET,
+    )
+    convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "b"),
+        config,
+        **QUIET,
+    )
     a = Manifest.load(str(tmp_path / "a"))
     b = Manifest.load(str(tmp_path / "b"))
-    assert open(tmp_path / "a" / "splits.csv").read() == open(
-        tmp_path / "b" / "splits.csv").read()
+    assert (
+        open(tmp_path / "a" / "splits.csv").read()
+        == open(tmp_path / "b" / "splits.csv").read()
+    )
     for split in a.split_names:
         assert [s["sha256"] for s in a.split(split)["shards"]] == [
-            s["sha256"] for s in b.split(split)["shards"]]
+            s["sha256"] for s in b.split(split)["shards"]
+        ]
     assert a.num_records("finetune") + a.num_records("finetune_val") == 80
     assert a.num_records("test") == 80
     for split in ("finetune", "test", "pretrain"):
@@ -121,10 +134,16 @@ def test_splits_are_stratified_and_deterministic(tmp_path):
         share = np.array(list(counts_per_class.values())) / a.num_records(split)
         np.testing.assert_allclose(share, 0.25, atol=0.03)
     other = ConversionConfig(split=SplitConfig(finetune_size=0.2, seed=4))
-    convert(array_source(counts, samples, genes, labels), str(tmp_path / "c"), other,
-            **QUIET)
-    assert open(tmp_path / "a" / "splits.csv").read() != open(
-        tmp_path / "c" / "splits.csv").read()
+    convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "c"),
+        other,
+        **QUIET,
+    )
+    assert (
+        open(tmp_path / "a" / "splits.csv").read()
+        != open(tmp_path / "c" / "splits.csv").read()
+    )
 
 
 def test_every_class_reaches_every_labelled_split(tmp_path):
@@ -161,8 +180,11 @@ def test_nan_is_an_error_naming_sample_and_gene(tmp_path, matrix):
     counts, samples, genes, labels = matrix
     bad = counts.copy()
     bad[7, 3] = np.nan
-    expect_error(tmp_path, array_source(bad, samples, genes, labels),
-                 rf"sample 'S0007', gene '{genes[3]}'.*missing")
+    expect_error(
+        tmp_path,
+        array_source(bad, samples, genes, labels),
+        rf"sample 'S0007', gene '{genes[3]}'.*missing",
+    )
 
 
 def test_nan_policies_report_counts(tmp_path, matrix):
@@ -170,13 +192,15 @@ def test_nan_policies_report_counts(tmp_path, matrix):
     bad = counts.copy()
     bad[7, 3] = np.nan
     config = ConversionConfig(missing_values="drop-genes")
-    manifest = convert(array_source(bad, samples, genes, labels), str(tmp_path / "d"),
-                       config, **QUIET)
+    manifest = convert(
+        array_source(bad, samples, genes, labels), str(tmp_path / "d"), config, **QUIET
+    )
     assert manifest.data["dropped_genes"]["missing_values"] == [strip_version(genes[3])]
     assert manifest.data["report"]["n_missing_cells"] == 1
     config = ConversionConfig(missing_values="zero")
-    manifest = convert(array_source(bad, samples, genes, labels), str(tmp_path / "z"),
-                       config, **QUIET)
+    manifest = convert(
+        array_source(bad, samples, genes, labels), str(tmp_path / "z"), config, **QUIET
+    )
     assert manifest.n_genes == len(genes) - 1
     assert manifest.data["report"]["n_missing_cells"] == 1
 
@@ -188,16 +212,23 @@ def test_infinite_and_negative_values_are_errors(tmp_path, matrix):
     expect_error(tmp_path, array_source(bad, samples, genes, labels), "infinite")
     bad = counts.copy()
     bad[9, 1] = -3
-    expect_error(tmp_path, array_source(bad, samples, genes, labels),
-                 rf"sample 'S0009', gene '{genes[1]}': value -3.0 is negative.*log2")
+    expect_error(
+        tmp_path,
+        array_source(bad, samples, genes, labels),
+        rf"sample 'S0009', gene '{genes[1]}': value -3.0 is negative.*log2",
+    )
 
 
 def test_log2_values_may_be_negative(tmp_path, matrix):
     counts, samples, genes, labels = matrix
     logged = np.log2(counts + 0.001)  # Xena TOIL TPM style: negative values are valid
     config = ConversionConfig(values="log2", record_dtype="float32")
-    manifest = convert(array_source(logged, samples, genes, labels), str(tmp_path / "d"),
-                       config, **QUIET)
+    manifest = convert(
+        array_source(logged, samples, genes, labels),
+        str(tmp_path / "d"),
+        config,
+        **QUIET,
+    )
     assert manifest.data["transform"] == "none"
     x, _, _ = read_split(str(tmp_path / "d"), "test")
     assert x.min() < 0
@@ -207,43 +238,65 @@ def test_duplicate_samples_are_an_error(tmp_path, matrix):
     counts, samples, genes, labels = matrix
     samples = list(samples)
     samples[10] = samples[3]
-    expect_error(tmp_path, array_source(counts, samples, genes, labels),
-                 "sample id 'S0003' occurs more than once")
+    expect_error(
+        tmp_path,
+        array_source(counts, samples, genes, labels),
+        "sample id 'S0003' occurs more than once",
+    )
 
 
 def test_duplicate_genes_error_or_merge_with_report(tmp_path, matrix):
     counts, samples, genes, labels = matrix
     genes = list(genes)
     genes[8] = genes[2].split(".")[0] + ".9"  # same gene, other version
-    expect_error(tmp_path, array_source(counts, samples, genes, labels),
-                 "occur more than once.*--duplicate-genes")
+    expect_error(
+        tmp_path,
+        array_source(counts, samples, genes, labels),
+        "occur more than once.*--duplicate-genes",
+    )
     config = ConversionConfig(duplicate_genes="sum", record_dtype="float32")
-    manifest = convert(array_source(counts, samples, genes, labels),
-                       str(tmp_path / "d"), config, **QUIET)
+    manifest = convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "d"),
+        config,
+        **QUIET,
+    )
     assert manifest.data["report"]["genes"]["n_duplicate_rows"] == 1
     assert manifest.n_genes == len(genes) - 2  # merged + constant gene dropped
     x, _, ids = read_split(str(tmp_path / "d"), "test")
     row = samples.index(ids[0])
     merged = manifest.genes.index(strip_version(genes[2]))
-    np.testing.assert_allclose(x[0, merged], np.log2(counts[row, 2] + counts[row, 8] + 1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        x[0, merged], np.log2(counts[row, 2] + counts[row, 8] + 1), rtol=1e-6
+    )
 
 
 def test_missing_labels_policies(tmp_path, matrix):
     counts, samples, genes, labels = matrix
     labels = list(labels)
     labels[4] = labels[11] = None
-    expect_error(tmp_path, array_source(counts, samples, genes, labels),
-                 "2 of 120 samples have no label.*S0004")
+    expect_error(
+        tmp_path,
+        array_source(counts, samples, genes, labels),
+        "2 of 120 samples have no label.*S0004",
+    )
     config = ConversionConfig(missing_labels="unlabelled")
-    m = convert(array_source(counts, samples, genes, labels), str(tmp_path / "u"),
-                config, **QUIET)
+    m = convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "u"),
+        config,
+        **QUIET,
+    )
     assert m.data["report"]["n_missing_labels"] == 2
     assert m.data["n_samples"] == 120
     assert m.split("pretrain")["num_labelled"] + 2 >= m.num_records("pretrain")
     config = ConversionConfig(missing_labels="drop")
-    m = convert(array_source(counts, samples, genes, labels), str(tmp_path / "d"),
-                config, **QUIET)
+    m = convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "d"),
+        config,
+        **QUIET,
+    )
     assert m.data["n_samples"] == 118 and m.data["report"]["n_samples_dropped"] == 2
 
 
@@ -252,11 +305,18 @@ def test_class_too_small_to_stratify(tmp_path, matrix):
     labels = list(labels)
     labels[0:3] = ["tiny"] * 3
     labels = [lab if lab == "tiny" or i >= 3 else lab for i, lab in enumerate(labels)]
-    expect_error(tmp_path, array_source(counts, samples, genes, labels),
-                 "'tiny' has 3.*--drop-small-classes")
+    expect_error(
+        tmp_path,
+        array_source(counts, samples, genes, labels),
+        "'tiny' has 3.*--drop-small-classes",
+    )
     config = ConversionConfig(split=SplitConfig(drop_small_classes=True))
-    m = convert(array_source(counts, samples, genes, labels), str(tmp_path / "d"),
-                config, **QUIET)
+    m = convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "d"),
+        config,
+        **QUIET,
+    )
     assert "tiny" not in m.labels
     assert m.data["report"]["small_classes_dropped"] == {"tiny": 3}
 
@@ -266,6 +326,7 @@ def test_existing_output_is_not_overwritten_by_default(tmp_path, matrix):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(DataError, match="already exists"):
-        convert(array_source(counts, samples, genes, labels), str(tmp_path / "out"),
-                **QUIET)
+        convert(
+            array_source(counts, samples, genes, labels), str(tmp_path / "out"), **QUIET
+        )
     assert (tmp_path / "out" / "keep.txt").exists()

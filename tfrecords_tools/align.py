@@ -41,8 +41,12 @@ def main(argv=None) -> int:
     try:
         genes, name = target_genes(args.to)
         rewrite_onto(
-            args.dataset, genes, args.out, target_name=name,
-            min_overlap=args.min_overlap, overwrite=args.overwrite,
+            args.dataset,
+            genes,
+            args.out,
+            target_name=name,
+            min_overlap=args.min_overlap,
+            overwrite=args.overwrite,
             command=sys.argv if argv is None else argv,
         )
     except DataError as error:

@@ -78,58 +78,121 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--sample-column", help="sample-id column of the table")
     src.add_argument("--labels-sample-column", help="sample-id column of --labels")
     orient = src.add_mutually_exclusive_group()
-    orient.add_argument("--genes-as-rows", dest="genes_as_rows", action="store_true",
-                        default=None, help="the table has one row per gene")
-    orient.add_argument("--samples-as-rows", dest="genes_as_rows",
-                        action="store_false", help="the table has one row per sample")
-    src.add_argument("--values", default=defaults.values,
-                     choices=("counts", "tpm", "log2"),
-                     help="what the file holds; log2 = already log-transformed")
-    src.add_argument("--transform", default=defaults.transform,
-                     choices=("log2p1", "log1p", "cpm_log2p1", "none"))
-    src.add_argument("--gene-id", default="auto", choices=("auto", "ensembl", "symbol"),
-                     help="ARCHS4: which gene ids to use")
+    orient.add_argument(
+        "--genes-as-rows",
+        dest="genes_as_rows",
+        action="store_true",
+        default=None,
+        help="the table has one row per gene",
+    )
+    orient.add_argument(
+        "--samples-as-rows",
+        dest="genes_as_rows",
+        action="store_false",
+        help="the table has one row per sample",
+    )
+    src.add_argument(
+        "--values",
+        default=defaults.values,
+        choices=("counts", "tpm", "log2"),
+        help="what the file holds; log2 = already log-transformed",
+    )
+    src.add_argument(
+        "--transform",
+        default=defaults.transform,
+        choices=("log2p1", "log1p", "cpm_log2p1", "none"),
+    )
+    src.add_argument(
+        "--gene-id",
+        default="auto",
+        choices=("auto", "ensembl", "symbol"),
+        help="ARCHS4: which gene ids to use",
+    )
     src.add_argument("--label-rules", help="ARCHS4: (label, regex) rules file")
-    src.add_argument("--rule-fields", default="source_name_ch1,characteristics_ch1,title",
-                     help="ARCHS4: comma-separated meta/samples fields the rules search")
-    src.add_argument("--gdc-column", default="unstranded",
-                     help="GDC: count column (tpm_unstranded with --values tpm)")
-    src.add_argument("--sample-sheet", help="GDC: sample sheet (default: in the folder)")
+    src.add_argument(
+        "--rule-fields",
+        default="source_name_ch1,characteristics_ch1,title",
+        help="ARCHS4: comma-separated meta/samples fields the rules search",
+    )
+    src.add_argument(
+        "--gdc-column",
+        default="unstranded",
+        help="GDC: count column (tpm_unstranded with --values tpm)",
+    )
+    src.add_argument(
+        "--sample-sheet", help="GDC: sample sheet (default: in the folder)"
+    )
     src.add_argument("--n-samples", type=int, help="--builtin: number of samples")
     src.add_argument("--n-genes", type=int, help="--builtin: number of genes")
 
     pol = p.add_argument_group("policies (every choice is counted in the manifest)")
-    pol.add_argument("--duplicate-genes", default=defaults.duplicate_genes,
-                     choices=("error", "sum", "mean", "first", "unique"))
-    pol.add_argument("--missing-values", default=defaults.missing_values,
-                     choices=("error", "zero", "drop-genes"))
-    pol.add_argument("--missing-labels", default=defaults.missing_labels,
-                     choices=("error", "unlabelled", "drop"))
-    pol.add_argument("--drop-small-classes", action="store_true",
-                     help="leave out classes too small to stratify (else an error)")
-    pol.add_argument("--keep-gene-versions", action="store_true",
-                     help="keep Ensembl version suffixes")
+    pol.add_argument(
+        "--duplicate-genes",
+        default=defaults.duplicate_genes,
+        choices=("error", "sum", "mean", "first", "unique"),
+    )
+    pol.add_argument(
+        "--missing-values",
+        default=defaults.missing_values,
+        choices=("error", "zero", "drop-genes"),
+    )
+    pol.add_argument(
+        "--missing-labels",
+        default=defaults.missing_labels,
+        choices=("error", "unlabelled", "drop"),
+    )
+    pol.add_argument(
+        "--drop-small-classes",
+        action="store_true",
+        help="leave out classes too small to stratify (else an error)",
+    )
+    pol.add_argument(
+        "--keep-gene-versions",
+        action="store_true",
+        help="keep Ensembl version suffixes",
+    )
     pol.add_argument("--keep-par-y", action="store_true", help="keep _PAR_Y rows")
-    pol.add_argument("--align-to", help="dataset folder or gene-list file: keep only "
-                     "its genes, in its order")
-    pol.add_argument("--min-overlap", type=float, default=defaults.align_min_overlap,
-                     help="refuse an alignment matching fewer target genes")
+    pol.add_argument(
+        "--align-to",
+        help="dataset folder or gene-list file: keep only its genes, in its order",
+    )
+    pol.add_argument(
+        "--min-overlap",
+        type=float,
+        default=defaults.align_min_overlap,
+        help="refuse an alignment matching fewer target genes",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder")
     out.add_argument("--overwrite", action="store_true")
     out.add_argument("--shards", type=int, default=defaults.shards)
-    out.add_argument("--record-dtype", default=defaults.record_dtype,
-                     choices=("float16", "float32"))
-    out.add_argument("--block-size", type=int, default=defaults.block_size,
-                     help="samples read at a time (bounds memory)")
+    out.add_argument(
+        "--record-dtype", default=defaults.record_dtype, choices=("float16", "float32")
+    )
+    out.add_argument(
+        "--block-size",
+        type=int,
+        default=defaults.block_size,
+        help="samples read at a time (bounds memory)",
+    )
     out.add_argument("--seed", type=int, default=0, help="split (and --builtin) seed")
-    out.add_argument("--split-sizes", choices=tuple(SIZE_PRESETS), default="tcga",
-                     help="preset fine-tuning/test fractions of the paper's datasets")
-    out.add_argument("--finetune-size", type=size,
-                     help="fraction or count of labelled samples for fine-tuning")
-    out.add_argument("--test-size", type=size,
-                     help="fraction or count for the test set (default: = fine-tuning)")
+    out.add_argument(
+        "--split-sizes",
+        choices=tuple(SIZE_PRESETS),
+        default="tcga",
+        help="preset fine-tuning/test fractions of the paper's datasets",
+    )
+    out.add_argument(
+        "--finetune-size",
+        type=size,
+        help="fraction or count of labelled samples for fine-tuning",
+    )
+    out.add_argument(
+        "--test-size",
+        type=size,
+        help="fraction or count for the test set (default: = fine-tuning)",
+    )
     out.add_argument("--val-fraction", type=float, default=SplitConfig.val_fraction)
     out.add_argument("--min-class-size", type=int, default=SplitConfig.min_class_size)
     return p.parse_args(argv)
@@ -138,8 +201,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     split = SplitConfig(
-        finetune_size=(args.finetune_size if args.finetune_size is not None
-                       else SIZE_PRESETS[args.split_sizes]),
+        finetune_size=(
+            args.finetune_size
+            if args.finetune_size is not None
+            else SIZE_PRESETS[args.split_sizes]
+        ),
         test_size=args.test_size,
         val_fraction=args.val_fraction,
         min_class_size=args.min_class_size,
@@ -147,37 +213,56 @@ def main(argv=None) -> int:
         seed=args.seed,
     )
     config = ConversionConfig(
-        values=args.values, transform=args.transform, record_dtype=args.record_dtype,
-        shards=args.shards, block_size=args.block_size,
+        values=args.values,
+        transform=args.transform,
+        record_dtype=args.record_dtype,
+        shards=args.shards,
+        block_size=args.block_size,
         duplicate_genes=args.duplicate_genes,
         strip_versions=not args.keep_gene_versions,
         par_y="keep" if args.keep_par_y else "drop",
-        missing_values=args.missing_values, missing_labels=args.missing_labels,
-        align_min_overlap=args.min_overlap, split=split,
+        missing_values=args.missing_values,
+        missing_labels=args.missing_labels,
+        align_min_overlap=args.min_overlap,
+        split=split,
     )
     try:
         if args.builtin:
-            source = builtin_source(args.builtin, args.n_samples, args.n_genes, args.seed)
+            source = builtin_source(
+                args.builtin, args.n_samples, args.n_genes, args.seed
+            )
             report = {"format": "builtin"}
         else:
             source, report = open_source(
-                args.input, args.format, labels=args.labels,
-                label_column=args.label_column, sample_column=args.sample_column,
+                args.input,
+                args.format,
+                labels=args.labels,
+                label_column=args.label_column,
+                sample_column=args.sample_column,
                 labels_sample_column=args.labels_sample_column,
-                genes_as_rows=args.genes_as_rows, gene_id=args.gene_id,
+                genes_as_rows=args.genes_as_rows,
+                gene_id=args.gene_id,
                 label_rules=args.label_rules,
                 rule_fields=tuple(f for f in args.rule_fields.split(",") if f),
-                gdc_column=args.gdc_column, sample_sheet=args.sample_sheet,
+                gdc_column=args.gdc_column,
+                sample_sheet=args.sample_sheet,
             )
-        print(f"read {source.path}: {source.n_samples} samples x {source.n_genes} genes")
+        print(
+            f"read {source.path}: {source.n_samples} samples x {source.n_genes} genes"
+        )
         for key, value in report.items():
             print(f"  {key}: {value}")
         align, align_name = (None, "target")
         if args.align_to:
             align, align_name = target_genes(args.align_to)
         convert(
-            source, args.out, config, align_to=align, align_name=align_name,
-            extra_report=report, command=sys.argv if argv is None else argv,
+            source,
+            args.out,
+            config,
+            align_to=align,
+            align_name=align_name,
+            extra_report=report,
+            command=sys.argv if argv is None else argv,
             overwrite=args.overwrite,
         )
     except DataError as error:

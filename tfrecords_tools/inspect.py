@@ -31,8 +31,11 @@ from keras_ssrl.data.integrity import inspect_dataset  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", help="dataset folder (local, gs:// or s3://)")
-    parser.add_argument("--no-checksums", action="store_true",
-                        help="skip the sha256 comparison (records are still parsed)")
+    parser.add_argument(
+        "--no-checksums",
+        action="store_true",
+        help="skip the sha256 comparison (records are still parsed)",
+    )
     args = parser.parse_args(argv)
     try:
         report = inspect_dataset(args.directory, checksums=not args.no_checksums)

@@ -76,7 +76,10 @@ def rewrite_onto(
 
     manifest = Manifest.load(data_dir)
     alignment = align_genes(
-        manifest.genes, list(genes), min_overlap, source_name=str(data_dir),
+        manifest.genes,
+        list(genes),
+        min_overlap,
+        source_name=str(data_dir),
         target_name=target_name,
     )
     columns = alignment.source_indices
@@ -88,12 +91,17 @@ def rewrite_onto(
     try:
         data = copy.deepcopy(manifest.data)
         for split in manifest.split_names:
-            for shard, path in zip(data["splits"][split]["shards"],
-                                   manifest.shard_paths(split)):
+            for shard, path in zip(
+                data["splits"][split]["shards"], manifest.shard_paths(split)
+            ):
                 out_path = os.path.join(tmp, shard["file"])
-                ds = tf.data.TFRecordDataset(path).batch(512).map(
-                    lambda s: schema.parse_batch(
-                        s, manifest.n_genes, manifest.record_dtype
+                ds = (
+                    tf.data.TFRecordDataset(path)
+                    .batch(512)
+                    .map(
+                        lambda s: schema.parse_batch(
+                            s, manifest.n_genes, manifest.record_dtype
+                        )
                     )
                 )
                 count = 0
@@ -101,21 +109,28 @@ def rewrite_onto(
                     for batch in ds:
                         values = batch[schema.EXPRESSION].numpy()[:, columns]
                         for sid, row, label in zip(
-                            batch[schema.SAMPLE_ID].numpy(), values,
+                            batch[schema.SAMPLE_ID].numpy(),
+                            values,
                             batch[schema.LABEL].numpy(),
                         ):
-                            writer.write(schema.serialize_example(
-                                sid.decode("utf-8"), row, int(label),
-                                manifest.record_dtype,
-                            ))
+                            writer.write(
+                                schema.serialize_example(
+                                    sid.decode("utf-8"),
+                                    row,
+                                    int(label),
+                                    manifest.record_dtype,
+                                )
+                            )
                             count += 1
                 shard.update(
-                    num_records=count, sha256=sha256_file(out_path),
+                    num_records=count,
+                    sha256=sha256_file(out_path),
                     bytes=os.path.getsize(out_path),
                 )
-        with open_file(os.path.join(str(data_dir), SPLITS_CSV), "rb") as src, open(
-            os.path.join(tmp, SPLITS_CSV), "wb"
-        ) as dst:
+        with (
+            open_file(os.path.join(str(data_dir), SPLITS_CSV), "rb") as src,
+            open(os.path.join(tmp, SPLITS_CSV), "wb") as dst,
+        ):
             dst.write(src.read())
         stats = data["statistics"]
         stats["mean"] = [stats["mean"][c] for c in columns]

@@ -21,7 +21,8 @@ BUILTIN = ("synthetic-tcga", "synthetic-archs4")
 
 def cache_root() -> str:
     return os.environ.get(
-        "KERAS_SSRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "keras_ssrl")
+        "KERAS_SSRL_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "keras_ssrl"),
     )
 
 
@@ -64,7 +65,11 @@ def ensure_builtin(
     config = ConversionConfig()
     config.split.seed = seed
     convert(
-        builtin_source(name, seed=seed), folder, config,
-        command=["builtin", name, f"seed={seed}"], log=log, overwrite=True,
+        builtin_source(name, seed=seed),
+        folder,
+        config,
+        command=["builtin", name, f"seed={seed}"],
+        log=log,
+        overwrite=True,
     )
     return folder

@@ -293,15 +293,21 @@ def convert(
 
     # Genes: normalise ids, merge duplicates, align to a target list if asked.
     base_plan = plan_genes(
-        source.genes, source.path, config.strip_versions, config.par_y,
+        source.genes,
+        source.path,
+        config.strip_versions,
+        config.par_y,
         config.duplicate_genes,
     )
     plan = base_plan
     alignment_report = None
     if align_to is not None:
         alignment = align_genes(
-            base_plan.genes, list(align_to), config.align_min_overlap,
-            source_name=str(source.path), target_name=align_name,
+            base_plan.genes,
+            list(align_to),
+            config.align_min_overlap,
+            source_name=str(source.path),
+            target_name=align_name,
         )
         plan = base_plan.select(alignment.source_indices)
         alignment_report = {"target": align_name, **alignment.report()}
@@ -346,12 +352,16 @@ def convert(
         )
         zero_var = moments.variance <= config.min_variance
         drop_nan = (
-            nan_genes if config.missing_values == "drop-genes" else np.zeros_like(nan_genes)
+            nan_genes
+            if config.missing_values == "drop-genes"
+            else np.zeros_like(nan_genes)
         )
         kept_genes = np.flatnonzero(~zero_var & ~drop_nan)
         dropped_genes = {
             "zero_variance": [plan.genes[g] for g in np.flatnonzero(zero_var)],
-            "missing_values": [plan.genes[g] for g in np.flatnonzero(drop_nan & ~zero_var)],
+            "missing_values": [
+                plan.genes[g] for g in np.flatnonzero(drop_nan & ~zero_var)
+            ],
         }
         if len(kept_genes) == 0:
             raise DataError(f"{source.path}: no gene varies on the pre-training split")
@@ -365,9 +375,7 @@ def convert(
         std = moments.std[kept_genes]
 
         # Pass 2: write records, in shuffled order, round-robin over each split's shards.
-        split_sizes = {
-            s: int((split_of == s).sum()) for s in schema.SPLITS
-        }
+        split_sizes = {s: int((split_of == s).sum()) for s in schema.SPLITS}
         split_sizes = {s: n for s, n in split_sizes.items() if n > 0}
         writers = ShardWriters(tmp, split_sizes, config.shards)
         rng = np.random.default_rng(config.split.seed + 1)
@@ -395,7 +403,9 @@ def convert(
                         ),
                     )
                     if label is not None:
-                        label_counts[split][label] = label_counts[split].get(label, 0) + 1
+                        label_counts[split][label] = (
+                            label_counts[split].get(label, 0) + 1
+                        )
                         num_labelled[split] += 1
                     written += 1
                 if time.time() - last_log > 10:
@@ -409,12 +419,14 @@ def convert(
             shards = []
             for shard, name in enumerate(files):
                 path = os.path.join(tmp, name)
-                shards.append({
-                    "file": name,
-                    "num_records": writers.written[split][shard],
-                    "sha256": sha256_file(path),
-                    "bytes": os.path.getsize(path),
-                })
+                shards.append(
+                    {
+                        "file": name,
+                        "num_records": writers.written[split][shard],
+                        "sha256": sha256_file(path),
+                        "bytes": os.path.getsize(path),
+                    }
+                )
             splits[split] = {
                 "num_records": sum(writers.written[split]),
                 "num_labelled": num_labelled[split],
@@ -432,7 +444,7 @@ def convert(
             "format": FORMAT_NAME,
             "schema_version": schema.SCHEMA_VERSION,
             "keras_ssrl_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
             "command": list(command) if command is not None else list(sys.argv),
             "source": {
                 "path": str(source.path),

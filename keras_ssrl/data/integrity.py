@@ -73,14 +73,18 @@ def find_damaged_shards(directory: str, split: str) -> list[str]:
     """
     manifest = Manifest.load(directory)
     damaged = []
-    for shard, path in zip(manifest.split(split)["shards"], manifest.shard_paths(split)):
+    for shard, path in zip(
+        manifest.split(split)["shards"], manifest.shard_paths(split)
+    ):
         try:
             count, _ = _check_records(manifest, path, shard["num_records"])
         except Exception as error:  # noqa: BLE001 - any failure marks the shard
             damaged.append(f"{path}: {clean_tf_error(error)}")
             continue
         if count != shard["num_records"]:
-            damaged.append(f"{path}: {count} records, manifest says {shard['num_records']}")
+            damaged.append(
+                f"{path}: {count} records, manifest says {shard['num_records']}"
+            )
     return damaged
 
 
@@ -89,8 +93,10 @@ def _check_records(manifest: Manifest, path: str, expected: int) -> tuple[int, l
     import tensorflow as tf
 
     n_classes = len(manifest.labels)
-    ds = tf.data.TFRecordDataset(path).batch(512).map(
-        lambda s: schema.parse_batch(s, manifest.n_genes, manifest.record_dtype)
+    ds = (
+        tf.data.TFRecordDataset(path)
+        .batch(512)
+        .map(lambda s: schema.parse_batch(s, manifest.n_genes, manifest.record_dtype))
     )
     count, ids = 0, []
     for batch in ds:

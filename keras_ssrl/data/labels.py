@@ -26,8 +26,9 @@ def _read_text_table(path: str) -> pd.DataFrame:
     # Xena phenotype files are not always valid UTF-8; latin-1 reads any byte.
     for encoding in ("utf-8", "latin-1"):
         try:
-            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
-                               encoding=encoding)
+            return pd.read_csv(
+                path, sep=sep, dtype=str, keep_default_na=False, encoding=encoding
+            )
         except UnicodeDecodeError:
             continue
         except (pd.errors.EmptyDataError, FileNotFoundError) as error:
@@ -154,14 +155,18 @@ def read_label_rules(path: str) -> list[tuple[str, re.Pattern]]:
         if str(path).endswith(".json"):
             with open(path, encoding="utf-8") as handle:
                 raw = json.load(handle)
-            items = raw.items() if isinstance(raw, dict) else [
-                (r["label"], r["pattern"]) for r in raw
-            ]
+            items = (
+                raw.items()
+                if isinstance(raw, dict)
+                else [(r["label"], r["pattern"]) for r in raw]
+            )
         else:
             with open(path, encoding="utf-8", newline="") as handle:
                 dialect = "excel-tab" if not str(path).endswith(".csv") else "excel"
-                items = [(r["label"], r["pattern"]) for r in csv.DictReader(
-                    handle, dialect=dialect)]
+                items = [
+                    (r["label"], r["pattern"])
+                    for r in csv.DictReader(handle, dialect=dialect)
+                ]
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise DataError(
             f"{path}: cannot read label rules ({error}); expected label/pattern pairs"

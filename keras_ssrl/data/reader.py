@@ -32,7 +32,9 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "size") -> None:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {mode!r}")
     if mode == "none":
         return
-    for shard, path in zip(manifest.split(split)["shards"], manifest.shard_paths(split)):
+    for shard, path in zip(
+        manifest.split(split)["shards"], manifest.shard_paths(split)
+    ):
         try:
             size = tf.io.gfile.stat(path).length
         except tf.errors.NotFoundError:

@@ -26,7 +26,9 @@ def resolve_size(size: float | None, total: int, name: str) -> int:
         return int(round(size * total))
     if size >= 1 and float(size).is_integer():
         if size > total:
-            raise DataError(f"--{name} {int(size)} exceeds the {total} samples available")
+            raise DataError(
+                f"--{name} {int(size)} exceeds the {total} samples available"
+            )
         return int(size)
     raise DataError(
         f"--{name} must be a fraction between 0 and 1 or a whole count, got {size}"

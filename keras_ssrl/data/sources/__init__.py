@@ -92,7 +92,10 @@ def open_source(
         from keras_ssrl.data.sources.tables import open_table
 
         source = open_table(
-            path, fmt=fmt, sample_column=sample_column, label_column=in_source_label,
+            path,
+            fmt=fmt,
+            sample_column=sample_column,
+            label_column=in_source_label,
             genes_as_rows=genes_as_rows,
         )
     elif fmt == "archs4":
@@ -111,7 +114,9 @@ def open_source(
         from keras_ssrl.data.sources.gdc import open_gdc
 
         source = open_gdc(
-            path, sample_sheet=sample_sheet, column=gdc_column,
+            path,
+            sample_sheet=sample_sheet,
+            column=gdc_column,
             label_column=in_source_label or "Project ID",
         )
     else:
