@@ -173,17 +173,20 @@ def _transformed(
     record_dtype: str,
 ) -> np.ndarray:
     """Raw block -> the values a record stores, for the genes of `plan`."""
-    values = np.nan_to_num(values, nan=0.0)
+    # float32 arithmetic: 4x faster than float64 and exact far beyond float16 storage.
+    values = values.astype(np.float32, copy=False)
+    if np.isnan(values).any():  # only under --missing-values zero|drop-genes
+        values = np.nan_to_num(values, nan=0.0)
     mapped = plan.apply(values)
     if transform == "cpm_log2p1":
         # Library size over every gene of the sample, not only the kept/aligned ones.
-        totals = base_plan.apply(values).sum(axis=1, keepdims=True)
+        totals = base_plan.apply(values).sum(axis=1, keepdims=True, dtype=np.float64)
         totals[totals == 0] = 1.0
-        out = np.log2(mapped * (1e6 / totals) + 1.0)
+        out = np.log2(mapped * (1e6 / totals).astype(np.float32) + 1.0)
     else:
         out = apply_transform(mapped, transform)
     # Statistics are computed on exactly what the reader will see.
-    return out.astype(record_dtype)
+    return out.astype(record_dtype, copy=False)
 
 
 def convert(

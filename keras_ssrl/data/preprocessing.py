@@ -40,13 +40,13 @@ def apply_transform(values: np.ndarray, transform: str) -> np.ndarray:
     if transform == "none":
         return values
     if transform == "log2p1":
-        return np.log2(values + 1.0)
+        return np.log2(values + values.dtype.type(1))
     if transform == "log1p":
         return np.log1p(values)
     if transform == "cpm_log2p1":
         totals = values.sum(axis=1, keepdims=True)
         totals[totals == 0] = 1.0
-        return np.log2(values * (1e6 / totals) + 1.0)
+        return np.log2(values * (1e6 / totals) + values.dtype.type(1))
     raise DataError(f"unknown transform {transform!r}")
 
 

@@ -36,7 +36,7 @@ class ArraySource(ExpressionSource):
         blocks = range(self.n_blocks(block_size)) if order is None else order
         for block in blocks:
             start, stop = self.block_range(block, block_size)
-            yield Block(
-                indices=np.arange(start, stop, dtype=np.int64),
-                values=np.asarray(self.values[start:stop], dtype=np.float64),
-            )
+            values = np.asarray(self.values[start:stop])
+            if not np.issubdtype(values.dtype, np.floating):
+                values = values.astype(np.float32)  # integer counts
+            yield Block(np.arange(start, stop, dtype=np.int64), values)
