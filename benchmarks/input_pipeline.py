@@ -66,8 +66,12 @@ def write_h5_streaming(path: str, n_samples: int, n_genes: int, block: int = 100
 
     with h5py.File(path, "w") as f:
         data = f.create_dataset(
-            "data/expression", (n_genes, n_samples), dtype="int32",
-            chunks=(min(n_genes, 2000), 100), compression="gzip", compression_opts=1,
+            "data/expression",
+            (n_genes, n_samples),
+            dtype="int32",
+            chunks=(min(n_genes, 2000), 100),
+            compression="gzip",
+            compression_opts=1,
         )
         for start in range(0, n_samples, block):
             stop = min(start + block, n_samples)
@@ -86,9 +90,19 @@ def convert_child(h5: str, out: str) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tfrecords_tools", "convert.py"),
-         "--input", h5, "--out", out, "--overwrite", "--shards", "8"],
-        check=True, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            os.path.join(ROOT, "tfrecords_tools", "convert.py"),
+            "--input",
+            h5,
+            "--out",
+            out,
+            "--overwrite",
+            "--shards",
+            "8",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -117,20 +131,37 @@ def encoding_rates(values: np.ndarray, seconds: float) -> dict[str, float]:
     rows = values[:512]
     out = {}
     for name in ("float32", "float16"):
-        records = [schema.serialize_example(f"s{i}", r, 0, name)
-                   for i, r in enumerate(rows)]
-        ds = (tf.data.Dataset.from_tensor_slices(records).repeat().batch(256)
-              .map(lambda s, name=name: schema.parse_batch(s, n_genes, name)
-                   [schema.EXPRESSION]).prefetch(4))
+        records = [
+            schema.serialize_example(f"s{i}", r, 0, name) for i, r in enumerate(rows)
+        ]
+        ds = (
+            tf.data.Dataset.from_tensor_slices(records)
+            .repeat()
+            .batch(256)
+            .map(
+                lambda s, name=name: schema.parse_batch(s, n_genes, name)[
+                    schema.EXPRESSION
+                ]
+            )
+            .prefetch(4)
+        )
         out[f"raw {name} bytes"] = rate(ds, seconds, 256)
     spec = {"x": tf.io.FixedLenFeature([n_genes], tf.float32)}
     records = [
-        tf.train.Example(features=tf.train.Features(feature={
-            "x": tf.train.Feature(float_list=tf.train.FloatList(value=r))
-        })).SerializeToString() for r in rows
+        tf.train.Example(
+            features=tf.train.Features(
+                feature={"x": tf.train.Feature(float_list=tf.train.FloatList(value=r))}
+            )
+        ).SerializeToString()
+        for r in rows
     ]
-    ds = (tf.data.Dataset.from_tensor_slices(records).repeat().batch(256)
-          .map(lambda s: tf.io.parse_example(s, spec)["x"]).prefetch(4))
+    ds = (
+        tf.data.Dataset.from_tensor_slices(records)
+        .repeat()
+        .batch(256)
+        .map(lambda s: tf.io.parse_example(s, spec)["x"])
+        .prefetch(4)
+    )
     out["float_list"] = rate(ds, seconds, 256)
     return out
 
@@ -155,14 +186,16 @@ def scarf_like_rate(n_genes: int, seconds: float, batch: int = 256) -> float:
 
     @tf.function(jit_compile=False)
     def step(x):
-        corrupted = tf.where(tf.random.uniform(tf.shape(x)) < 0.3,
-                             tf.roll(x, 1, axis=0), x)
+        corrupted = tf.where(
+            tf.random.uniform(tf.shape(x)) < 0.3, tf.roll(x, 1, axis=0), x
+        )
         with tf.GradientTape() as tape:
             a = tf.math.l2_normalize(model(x, training=True), axis=1)
             b = tf.math.l2_normalize(model(corrupted, training=True), axis=1)
             logits = tf.matmul(a, b, transpose_b=True)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                tf.range(batch), logits))
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(batch), logits)
+            )
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss
@@ -192,30 +225,48 @@ def bench_genes(n_genes: int, n_samples: int, seconds: float, batch: int) -> dic
         result["matrix float32 MiB"] = counts.nbytes / 2**20
         manifest = Manifest.load(out)
         values = np.log2(counts[:, : manifest.n_genes].astype(np.float32) + 1)
-        result.update({f"parse {k}": v for k, v in encoding_rates(values, seconds).items()})
+        result.update(
+            {f"parse {k}": v for k, v in encoding_rates(values, seconds).items()}
+        )
         del counts
 
         standardized = (values - values.mean(0)) / (values.std(0) + 1e-6)
-        ref = (tf.data.Dataset.from_tensor_slices(standardized)
-               .shuffle(4096).repeat().batch(batch).prefetch(tf.data.AUTOTUNE))
+        ref = (
+            tf.data.Dataset.from_tensor_slices(standardized)
+            .shuffle(4096)
+            .repeat()
+            .batch(batch)
+            .prefetch(tf.data.AUTOTUNE)
+        )
         result["in-memory tf.data /s"] = rate(ref, seconds, batch)
-        uncached = load_dataset(out, "pretrain", batch, shuffle=True, repeat=True,
-                                with_labels=False)
+        uncached = load_dataset(
+            out, "pretrain", batch, shuffle=True, repeat=True, with_labels=False
+        )
         result["load_dataset /s"] = rate(uncached, seconds, batch)
-        cached = load_dataset(out, "pretrain", batch, shuffle=True, repeat=True,
-                              cache=True, with_labels=False)
+        cached = load_dataset(
+            out,
+            "pretrain",
+            batch,
+            shuffle=True,
+            repeat=True,
+            cache=True,
+            with_labels=False,
+        )
         # Fill the cache with one pass before timing.
         n_batches = manifest.num_records("pretrain") // batch + 1
         for _ in cached.take(n_batches):
             pass
         result["load_dataset cached /s"] = rate(cached, seconds, batch)
         result["SCARF-like step /s"] = scarf_like_rate(manifest.n_genes, seconds, batch)
-    result["uncached / SCARF-like"] = result["load_dataset /s"] / result[
-        "SCARF-like step /s"]
-    result["cached / in-memory"] = result["load_dataset cached /s"] / result[
-        "in-memory tf.data /s"]
-    result["uncached / in-memory"] = result["load_dataset /s"] / result[
-        "in-memory tf.data /s"]
+    result["uncached / SCARF-like"] = (
+        result["load_dataset /s"] / result["SCARF-like step /s"]
+    )
+    result["cached / in-memory"] = (
+        result["load_dataset cached /s"] / result["in-memory tf.data /s"]
+    )
+    result["uncached / in-memory"] = (
+        result["load_dataset /s"] / result["in-memory tf.data /s"]
+    )
     return result
 
 
@@ -224,14 +275,18 @@ def bounded_memory(n_samples: int, n_genes: int) -> None:
         h5 = os.path.join(tmp, "big.h5")
         start = time.perf_counter()
         write_h5_streaming(h5, n_samples, n_genes)
-        print(f"wrote {n_samples} x {n_genes} ARCHS4-layout file in "
-              f"{time.perf_counter() - start:.0f} s "
-              f"({os.path.getsize(h5) / 2**30:.2f} GiB on disk)")
+        print(
+            f"wrote {n_samples} x {n_genes} ARCHS4-layout file in "
+            f"{time.perf_counter() - start:.0f} s "
+            f"({os.path.getsize(h5) / 2**30:.2f} GiB on disk)"
+        )
         secs, peak = convert_child(h5, os.path.join(tmp, "out"))
         matrix = n_samples * n_genes * 4 / 2**20
-        print(f"converted in {secs:.0f} s ({n_samples / secs:.0f} samples/s); peak RSS "
-              f"{peak:.0f} MiB vs {matrix:.0f} MiB for the matrix as float32 "
-              f"({peak / matrix:.2f}x)")
+        print(
+            f"converted in {secs:.0f} s ({n_samples / secs:.0f} samples/s); peak RSS "
+            f"{peak:.0f} MiB vs {matrix:.0f} MiB for the matrix as float32 "
+            f"({peak / matrix:.2f}x)"
+        )
 
 
 def main(argv=None) -> int:
@@ -239,18 +294,24 @@ def main(argv=None) -> int:
     parser.add_argument("--genes", type=int, nargs="+", default=[20000, 57000])
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=8.0,
-                        help="timing window per measurement")
-    parser.add_argument("--bounded-memory", type=int, metavar="N",
-                        help="convert an N-sample file and report peak memory")
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="timing window per measurement"
+    )
+    parser.add_argument(
+        "--bounded-memory",
+        type=int,
+        metavar="N",
+        help="convert an N-sample file and report peak memory",
+    )
     args = parser.parse_args(argv)
     if args.bounded_memory:
         for genes in args.genes:
             bounded_memory(args.bounded_memory, genes)
         return 0
     print(f"cores: {os.cpu_count()}, batch {args.batch_size}, samples {args.samples}")
-    rows = [bench_genes(g, args.samples, args.seconds, args.batch_size)
-            for g in args.genes]
+    rows = [
+        bench_genes(g, args.samples, args.seconds, args.batch_size) for g in args.genes
+    ]
     keys = list(rows[0])
     print(f"\n{'':<28}" + "".join(f"{r['genes']:>14,}" for r in rows))
     for key in keys[1:]:

@@ -31,8 +31,11 @@ FORMATS = ("csv", "parquet", "xena", "gdc", "archs4")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=BUILTIN, default="synthetic-tcga")
-    parser.add_argument("--formats", default=",".join(FORMATS),
-                        help=f"comma-separated subset of {','.join(FORMATS)}")
+    parser.add_argument(
+        "--formats",
+        default=",".join(FORMATS),
+        help=f"comma-separated subset of {','.join(FORMATS)}",
+    )
     parser.add_argument("--n-samples", type=int, default=600)
     parser.add_argument("--n-genes", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -42,49 +45,76 @@ def main(argv=None) -> int:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {FORMATS}")
-    data = make_synthetic(args.source, n_samples=args.n_samples, n_genes=args.n_genes,
-                          seed=args.seed)
+    data = make_synthetic(
+        args.source, n_samples=args.n_samples, n_genes=args.n_genes, seed=args.seed
+    )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.source.replace("-", "_"))
     counts = data.counts
     commands = []
     tool = "python tfrecords_tools/convert.py"
     if "csv" in formats:
-        path = layouts.write_table(f"{stem}.csv", counts, data.sample_ids, data.genes,
-                                   labels=data.labels, label_column="tissue")
+        path = layouts.write_table(
+            f"{stem}.csv",
+            counts,
+            data.sample_ids,
+            data.genes,
+            labels=data.labels,
+            label_column="tissue",
+        )
         commands.append(f"{tool} --input {path} --label-column tissue --out {stem}_csv")
     if "parquet" in formats:
-        path = layouts.write_table(f"{stem}.parquet", counts, data.sample_ids,
-                                   data.genes, labels=data.labels, label_column="tissue")
+        path = layouts.write_table(
+            f"{stem}.parquet",
+            counts,
+            data.sample_ids,
+            data.genes,
+            labels=data.labels,
+            label_column="tissue",
+        )
         commands.append(
             f"{tool} --input {path} --label-column tissue --out {stem}_parquet"
         )
     if "xena" in formats:
-        path = layouts.write_xena(f"{stem}_xena.tsv.gz", np.log2(counts + 1.0),
-                                  data.sample_ids, data.genes)
+        path = layouts.write_xena(
+            f"{stem}_xena.tsv.gz", np.log2(counts + 1.0), data.sample_ids, data.genes
+        )
         pheno = f"{stem}_phenotype.tsv"
-        pd.DataFrame({"sample": data.sample_ids,
-                      "_primary_disease": data.labels}).to_csv(pheno, sep="\t",
-                                                               index=False)
+        pd.DataFrame(
+            {"sample": data.sample_ids, "_primary_disease": data.labels}
+        ).to_csv(pheno, sep="\t", index=False)
         commands.append(
             f"{tool} --input {path} --format xena --values log2 --labels {pheno} "
             f"--label-column _primary_disease --out {stem}_from_xena"
         )
     if "gdc" in formats:
         folder = f"{stem}_gdc"
-        layouts.write_gdc(folder, counts, data.sample_ids, data.genes, data.labels,
-                          symbols=data.symbols, seed=args.seed)
+        layouts.write_gdc(
+            folder,
+            counts,
+            data.sample_ids,
+            data.genes,
+            data.labels,
+            symbols=data.symbols,
+            seed=args.seed,
+        )
         commands.append(f"{tool} --input {folder} --out {stem}_from_gdc")
     if "archs4" in formats:
         path = layouts.write_archs4(
-            f"{stem}.h5", counts, data.sample_ids, data.genes, symbols=data.symbols,
+            f"{stem}.h5",
+            counts,
+            data.sample_ids,
+            data.genes,
+            symbols=data.symbols,
             sample_meta={"source_name_ch1": [f"{lab} tissue" for lab in data.labels]},
         )
         commands.append(
             f"{tool} --input {path} --label-column source_name_ch1 --out {stem}_from_h5"
         )
-    print(f"wrote {len(commands)} file(s) of {args.source} "
-          f"({counts.shape[0]} samples x {counts.shape[1]} genes). Convert with:")
+    print(
+        f"wrote {len(commands)} file(s) of {args.source} "
+        f"({counts.shape[0]} samples x {counts.shape[1]} genes). Convert with:"
+    )
     for command in commands:
         print(f"  {command}")
     return 0

@@ -148,17 +148,20 @@ def load_dataset(
     inv_std = tf.constant(1.0 / manifest.std, dtype=tf.float32)
 
     def decode(serialized):
+        # Only what the caller asked for travels down the pipeline (and into a cache).
         parsed = schema.parse_batch(serialized, n_genes, record_dtype)
-        return parsed[schema.EXPRESSION], parsed[schema.LABEL], parsed[schema.SAMPLE_ID]
+        out = (parsed[schema.EXPRESSION],)
+        if with_labels:
+            out += (parsed[schema.LABEL],)
+        if with_sample_ids:
+            out += (parsed[schema.SAMPLE_ID],)
+        return out
 
-    def finish(values, label, sample_id):
+    def finish(values, *rest):
         x = tf.cast(values, tf.float32)
         if standardize:
             x = (x - mean) * inv_std
-        out = (x, label) if with_labels else (x,)
-        if with_sample_ids:
-            out = out + (sample_id,)
-        return out if len(out) > 1 else out[0]
+        return (x, *rest) if rest else x
 
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -24,7 +24,7 @@ class Block:
         indices: int64 array of shape `(n,)`, positions of the samples in
             `source.sample_ids`.
         values: float array of shape `(n, len(source.genes))`, the raw values as the file
-            stores them (NaN where a cell is missing or not numeric).
+            stores them (NaN where a cell is missing; non-numeric cells are errors).
     """
 
     indices: np.ndarray
