@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keras_ssrl.data import Manifest, load_dataset, layouts
+from keras_ssrl.data import Manifest, layouts, load_dataset
 from keras_ssrl.data.genes import strip_version
 from tests.conftest import load_script, small_matrix
 
