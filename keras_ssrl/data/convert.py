@@ -333,10 +333,15 @@ def convert(
         moments = RunningMoments()
         nan_columns = np.zeros(source.n_genes, dtype=bool)
         missing_cells = 0
+        checked, last_log = 0, time.time()
         for block in source.iter_blocks(config.block_size):
             missing_cells += _check_block(
                 source, block.indices, block.values, config, nan_columns
             )
+            checked += len(block.indices)
+            if time.time() - last_log > 10:
+                last_log = time.time()
+                log(f"  checked {checked} of {source.n_samples} samples (pass 1 of 2)")
             rows = is_pretrain[block.indices]
             if rows.any():
                 stored = _transformed(
@@ -413,7 +418,7 @@ def convert(
                     written += 1
                 if time.time() - last_log > 10:
                     last_log = time.time()
-                    log(f"  wrote {written} of {len(kept_index)} samples")
+                    log(f"  wrote {written} of {len(kept_index)} samples (pass 2 of 2)")
         finally:
             writers.close()
 
