@@ -137,3 +137,27 @@ def test_inspect_passes_on_a_good_dataset(dataset_dir):
     assert report.ok, report.problems
     assert report.records_checked == Manifest.load(dataset_dir).data["n_samples"]
     assert "pretrain" in report.summary()
+
+
+def test_reads_through_tensorflow_filesystems(dataset_dir):
+    """Non-local paths go through tf.io.gfile (TensorFlow's in-memory `ram://`
+    filesystem stands in for gs:// and s3://, which need a network)."""
+    remote = "ram://keras_ssrl_test/data"
+    tf.io.gfile.makedirs(remote)
+    for name in os.listdir(dataset_dir):
+        tf.io.gfile.copy(os.path.join(dataset_dir, name), f"{remote}/{name}",
+                         overwrite=True)
+    local = collect(load_dataset(dataset_dir, "test", 16))
+    from_ram = collect(load_dataset(remote, "test", 16, verify="checksum"))
+    np.testing.assert_array_equal(local[0], from_ram[0])
+    assert inspect_dataset(remote).ok
+
+
+def test_works_without_tensorflow_io(monkeypatch):
+    import sys
+
+    from keras_ssrl.data import filesystems
+
+    monkeypatch.setitem(sys.modules, "tensorflow_io", None)  # import fails
+    monkeypatch.setattr(filesystems, "_registered", None)
+    assert filesystems.register() is False

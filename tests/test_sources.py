@@ -61,7 +61,7 @@ def _all_values(source, block_size=4, order=None):
     out = np.full((source.n_samples, source.n_genes), -1.0)
     seen = []
     for block in source.iter_blocks(block_size, order=order):
-        assert block.values.dtype == np.float64
+        assert np.issubdtype(block.values.dtype, np.floating)
         assert block.values.shape == (len(block.indices), source.n_genes)
         out[block.indices] = block.values
         seen.extend(block.indices.tolist())

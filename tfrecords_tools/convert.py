@@ -174,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--block-size",
         type=int,
         default=defaults.block_size,
-        help="samples read at a time (bounds memory)",
+        help="samples read at a time (bounds memory; default: ~64 MiB of float32)",
     )
     out.add_argument("--seed", type=int, default=0, help="split (and --builtin) seed")
     out.add_argument(

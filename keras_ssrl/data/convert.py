@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from keras_ssrl import __version__
-from keras_ssrl.config import ConversionConfig, to_dict
+from keras_ssrl.config import ConversionConfig, auto_block_size, to_dict
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError, preview
 from keras_ssrl.data.genes import GenePlan, align_genes, plan_genes
@@ -241,7 +241,8 @@ def convert(
             f"unknown --missing-values {config.missing_values!r}; choose one of "
             f"{', '.join(MISSING_VALUE_POLICIES)}"
         )
-    if config.shards < 1 or config.block_size < 1:
+    block_size = config.block_size or auto_block_size(source.n_genes)
+    if config.shards < 1 or block_size < 1:
         raise DataError("--shards and --block-size must be at least 1")
     if source.n_samples == 0:
         raise DataError(f"{source.path}: no samples")
@@ -334,7 +335,7 @@ def convert(
         nan_columns = np.zeros(source.n_genes, dtype=bool)
         missing_cells = 0
         checked, last_log = 0, time.time()
-        for block in source.iter_blocks(config.block_size):
+        for block in source.iter_blocks(block_size):
             missing_cells += _check_block(
                 source, block.indices, block.values, config, nan_columns
             )
@@ -387,13 +388,13 @@ def convert(
         split_sizes = {s: n for s, n in split_sizes.items() if n > 0}
         writers = ShardWriters(tmp, split_sizes, config.shards)
         rng = np.random.default_rng(config.split.seed + 1)
-        order = rng.permutation(source.n_blocks(config.block_size))
+        order = rng.permutation(source.n_blocks(block_size))
         written = 0
         last_log = time.time()
         label_counts = {s: {} for s in split_sizes}
         num_labelled = dict.fromkeys(split_sizes, 0)
         try:
-            for block in source.iter_blocks(config.block_size, order=order):
+            for block in source.iter_blocks(block_size, order=order):
                 stored = _transformed(
                     block.values, base_plan, plan, transform, config.record_dtype
                 )[:, kept_genes]

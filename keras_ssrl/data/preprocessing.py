@@ -62,8 +62,16 @@ class RunningMoments:
     mean: np.ndarray | None = None
     m2: np.ndarray | None = None
 
-    def update(self, block: np.ndarray) -> None:
-        block = np.asarray(block, dtype=np.float64)
+    def update(self, block: np.ndarray, rows: int = 128) -> None:
+        """Adds a `(samples, genes)` block, `rows` samples at a time.
+
+        Working in slices keeps the float64 temporaries small (128 x 57k genes is
+        58 MB) however large the block.
+        """
+        for start in range(0, block.shape[0], rows):
+            self._merge(np.asarray(block[start : start + rows], dtype=np.float64))
+
+    def _merge(self, block: np.ndarray) -> None:
         if block.shape[0] == 0:
             return
         n_b = block.shape[0]

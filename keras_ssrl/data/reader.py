@@ -93,9 +93,9 @@ def load_dataset(
         repeat: bool, repeat indefinitely.
         seed: optional int for a reproducible order.
         shuffle_buffer: int, records held by the shuffle buffer.
-        cache: False, True (cache decoded values in memory after the first epoch) or a
-            file path prefix (cache on disk). Cached values are the stored float16 /
-            float32 values, so the cache costs the dataset's size on disk, not double.
+        cache: False, True (cache the decoded, standardised float32 values in memory
+            during the first epoch) or a file path prefix (cache on disk). The cache
+            holds 4 bytes per gene and sample, as an in-memory array would.
         standardize: bool, z-score every gene with the manifest statistics (True for
             training; False gives the stored transformed values).
         with_labels: bool, yield `(x, y)`; False yields `x` only (pre-training never
@@ -176,8 +176,11 @@ def load_dataset(
         deterministic=deterministic,
     )
     if cache is not False:
-        # Decode once, in large batches, and cache the stored values per record.
-        ds = ds.batch(_PARSE_BATCH).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        # Decode and standardise once, in large batches, and cache the float32 rows:
+        # later epochs then cost what an in-memory array does (shuffle and batch).
+        ds = ds.batch(_PARSE_BATCH).map(
+            lambda s: finish(*decode(s)), num_parallel_calls=tf.data.AUTOTUNE
+        )
         ds = ds.unbatch().cache("" if cache is True else str(cache))
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -186,6 +189,4 @@ def load_dataset(
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if cache is False:
         ds = ds.map(lambda s: finish(*decode(s)), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -88,7 +88,8 @@ class Archs4Source(ExpressionSource):
             order: optional sequence of block numbers giving the reading order.
 
         Yields:
-            `Block`s with float64 values of shape `(n, len(genes))`.
+            `Block`s with float32 values of shape `(n, len(genes))` (read counts are
+            integers, exact in float32 up to 2**24).
         """
         import h5py
 
@@ -103,7 +104,7 @@ class Archs4Source(ExpressionSource):
                     raw = data[start:stop, :]
                 yield Block(
                     indices=np.arange(start, stop, dtype=np.int64),
-                    values=np.ascontiguousarray(raw, dtype=np.float64),
+                    values=np.ascontiguousarray(raw, dtype=np.float32),
                 )
 
     def sample_metadata(self, fields: Sequence[str]) -> dict[str, list]:
