@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -85,13 +84,28 @@ def write_h5_streaming(path: str, n_samples: int, n_genes: int, block: int = 100
         )
 
 
+# Runs a script and reports its own peak resident memory (VmHWM of the process after
+# exec): getrusage's ru_maxrss would include the parent's pages shared at fork time.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+def _report():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            sys.stderr.write('PEAK_KB ' + line.split()[1] + '\\n')
+atexit.register(_report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
 def convert_child(h5: str, out: str) -> tuple[float, float]:
-    """Runs the converter in a child process: (seconds, peak RSS in MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Runs the converter in a child process: (seconds, its peak RSS in MiB)."""
     start = time.perf_counter()
-    subprocess.run(
+    done = subprocess.run(
         [
             sys.executable,
+            "-c",
+            _PEAK_WRAPPER,
             os.path.join(ROOT, "tfrecords_tools", "convert.py"),
             "--input",
             h5,
@@ -103,10 +117,12 @@ def convert_child(h5: str, out: str) -> tuple[float, float]:
         ],
         check=True,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, max(peak, before) / 1024
+    peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK_KB")]
+    return seconds, int(peak[-1].split()[1]) / 1024
 
 
 def rate(ds, seconds: float, batch: int) -> float:
@@ -231,32 +247,37 @@ def bench_genes(n_genes: int, n_samples: int, seconds: float, batch: int) -> dic
         del counts
 
         standardized = (values - values.mean(0)) / (values.std(0) + 1e-6)
-        ref = (
-            tf.data.Dataset.from_tensor_slices(standardized)
+        pipelines = {
+            "in-memory tf.data /s": tf.data.Dataset.from_tensor_slices(standardized)
             .shuffle(4096)
             .repeat()
             .batch(batch)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-        result["in-memory tf.data /s"] = rate(ref, seconds, batch)
-        uncached = load_dataset(
-            out, "pretrain", batch, shuffle=True, repeat=True, with_labels=False
-        )
-        result["load_dataset /s"] = rate(uncached, seconds, batch)
-        cached = load_dataset(
-            out,
-            "pretrain",
-            batch,
-            shuffle=True,
-            repeat=True,
-            cache=True,
-            with_labels=False,
-        )
+            .prefetch(tf.data.AUTOTUNE),
+            "load_dataset /s": load_dataset(
+                out, "pretrain", batch, shuffle=True, repeat=True, with_labels=False
+            ),
+            "load_dataset cached /s": load_dataset(
+                out,
+                "pretrain",
+                batch,
+                shuffle=True,
+                repeat=True,
+                cache=True,
+                with_labels=False,
+            ),
+        }
         # Fill the cache with one pass before timing.
-        n_batches = manifest.num_records("pretrain") // batch + 1
-        for _ in cached.take(n_batches):
+        for _ in pipelines["load_dataset cached /s"].take(
+            manifest.num_records("pretrain") // batch + 1
+        ):
             pass
-        result["load_dataset cached /s"] = rate(cached, seconds, batch)
+        # Alternate the pipelines over rounds and keep the median: large batches make
+        # rates sensitive to the allocator's state, which drifts during a run.
+        rounds = {name: [] for name in pipelines}
+        for _ in range(3):
+            for name, ds in pipelines.items():
+                rounds[name].append(rate(ds, seconds / 3, batch))
+        result.update({name: float(np.median(r)) for name, r in rounds.items()})
         result["SCARF-like step /s"] = scarf_like_rate(manifest.n_genes, seconds, batch)
     result["uncached / SCARF-like"] = (
         result["load_dataset /s"] / result["SCARF-like step /s"]

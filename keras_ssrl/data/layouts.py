@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_ssrl.data.sources.gdc import COUNTS_SUFFIX, SUMMARY_ROWS
+from keras_ssrl.data.sources.gdc import COLUMNS, COUNTS_SUFFIX, SUMMARY_ROWS
 
 GDC_SHEET_NAME = "gdc_sample_sheet.2026-01-01.tsv"
 GDC_SHEET_COLUMNS = (
@@ -39,17 +39,7 @@ GDC_SHEET_COLUMNS = (
     "Sample ID",
     "Sample Type",
 )
-GDC_HEADER = (
-    "gene_id",
-    "gene_name",
-    "gene_type",
-    "unstranded",
-    "stranded_first",
-    "stranded_second",
-    "tpm_unstranded",
-    "fpkm_unstranded",
-    "fpkm_uq_unstranded",
-)
+GDC_HEADER = ("gene_id", "gene_name", "gene_type", *COLUMNS)
 ARCHS4_LAYOUTS = ("v2", "v1", "transposed")
 # Samples per HDF5 chunk along the sample axis: a block read touches few chunks.
 _ARCHS4_SAMPLE_CHUNK = 100

@@ -161,7 +161,7 @@ class GdcSource(ExpressionSource):
             order: optional sequence of block numbers giving the reading order.
 
         Yields:
-            `Block`s with float64 values of shape `(n, len(genes))`.
+            `Block`s with float32 values of shape `(n, len(genes))`.
 
         Raises:
             DataError: a file lists other genes than the first file (the message names
@@ -170,7 +170,7 @@ class GdcSource(ExpressionSource):
         blocks = range(self.n_blocks(block_size)) if order is None else order
         for block in blocks:
             start, stop = self.block_range(block, block_size)
-            values = np.empty((stop - start, self.n_genes), dtype=np.float64)
+            values = np.empty((stop - start, self.n_genes), dtype=np.float32)
             for row, index in enumerate(range(start, stop)):
                 values[row] = self._read(index)
             yield Block(indices=np.arange(start, stop, dtype=np.int64), values=values)
