@@ -63,7 +63,7 @@ def load_dataset(
     shuffle: bool = False,
     repeat: bool = False,
     seed: int | None = None,
-    shuffle_buffer: int = 4096,
+    shuffle_buffer: int = 2048,
     cache: bool | str = False,
     standardize: bool = True,
     with_labels: bool = True,
@@ -186,7 +186,9 @@ def load_dataset(
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(
+        batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE
+    )
     if cache is False:
         ds = ds.map(lambda s: finish(*decode(s)), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
