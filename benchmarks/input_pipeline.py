@@ -15,8 +15,9 @@ For each gene count it:
    raw float16 bytes, `float_list`) on the same values;
 3. measures examples/s of `load_dataset(..., shuffle=True, repeat=True)` uncached and
    cached, against `tf.data.Dataset.from_tensor_slices(array)` with the same batch size,
-   shuffle buffer (2048, the reader's default) and prefetch (the reference), and against the examples/s a SCARF-like training
-   step consumes (4 x 256 MLP encoder + projector on two views, float32);
+   shuffle buffer (2048, the reader's default) and prefetch (the reference), and
+   against the examples/s a SCARF-like training step consumes (4 x 256 MLP encoder +
+   projector on two views, float32);
 4. prints a table of absolute rates and ratios to the reference measured in this run.
 
 `--bounded-memory N` converts an N-sample file (e.g. 50,000 x 20,000) and reports the
