@@ -98,6 +98,109 @@ class ConversionConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
+@dataclass
+class EncoderConfig:
+    """The MLP encoder shared by every method and the baseline (protocol.md, "Encoder").
+
+    Attributes:
+        layers: number of [Dense -> BatchNorm -> ReLU] blocks (4).
+        width: units of every block, and so the embedding size (256).
+        dropout: dropout rate after each block (0: off).
+    """
+
+    layers: int = 4
+    width: int = 256
+    dropout: float = 0.0
+
+
+@dataclass
+class ScarfConfig:
+    """SCARF (protocol.md, "SCARF").
+
+    Attributes:
+        corruption_rate: fraction c of the features replaced in each example (0.3);
+            exactly round(c * n_genes) features per example, chosen uniformly.
+        temperature: InfoNCE temperature tau (1.0, as in SCARF).
+        projector_hidden, projector_dim: the 2-layer ReLU projector (256, 256).
+    """
+
+    corruption_rate: float = 0.3
+    temperature: float = 1.0
+    projector_hidden: int = 256
+    projector_dim: int = 256
+
+
+@dataclass
+class VimeConfig:
+    """VIME self-supervised (protocol.md, "VIME").
+
+    Attributes:
+        mask_rate: p_m, probability that a feature is masked, drawn afresh every step
+            (0.3).
+        alpha: weight of the feature-reconstruction loss, L = L_m + alpha * L_f (2.0).
+    """
+
+    mask_rate: float = 0.3
+    alpha: float = 2.0
+
+
+@dataclass
+class ByolConfig:
+    """BYOL (protocol.md, "BYOL").
+
+    Attributes:
+        corruption_rate: p of the VIME-style corruption making the target's view (0.3).
+        hidden: hidden units of projector and predictor, Dense -> BN -> ReLU -> Dense
+            (4096).
+        projection_dim: output of projector and predictor (256).
+        ema_base: lambda_base of the EMA of the target (0.99).
+        ema_schedule: `cosine` (lambda from ema_base to 1 over training, BYOL) or
+            `constant`.
+        symmetric: add the swapped term (online sees x~, target sees x), as in the BYOL
+            paper.
+    """
+
+    corruption_rate: float = 0.3
+    hidden: int = 4096
+    projection_dim: int = 256
+    ema_base: float = 0.99
+    ema_schedule: str = "cosine"
+    symmetric: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training defaults (protocol.md, "Pre-training defaults").
+
+    Attributes:
+        method: `scarf`, `vime` or `byol`.
+        epochs: passes over the pre-training split. The default (20) is what fits a
+            few minutes on 2 CPU cores with the built-in data; the paper's runs are
+            longer, set it to your budget.
+        batch_size: global batch size (256).
+        learning_rate: Adam learning rate (1e-4, the authors' code).
+        seed: seed of weights, corruption and data order.
+        pretrain_fraction: q, the fraction of the pre-training split used (1.0); the
+            subset is a deterministic function of the seed (Figure 5).
+        precision: `auto` (mixed_float16 on a GPU with compute capability >= 7.0,
+            float32 on CPU), `float32`, `mixed_float16` or `mixed_bfloat16`.
+        keep: `last` or `best` (by validation pretext loss): the encoder kept.
+    """
+
+    method: str = "scarf"
+    epochs: int = 20
+    batch_size: int = 256
+    learning_rate: float = 1e-4
+    seed: int = 0
+    pretrain_fraction: float = 1.0
+    precision: str = "auto"
+    keep: str = "last"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    scarf: ScarfConfig = field(default_factory=ScarfConfig)
+    vime: VimeConfig = field(default_factory=VimeConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+
+
 def auto_block_size(n_genes: int, budget_bytes: int = 64 << 20) -> int:
     """Samples per block so that one float32 block takes about `budget_bytes`."""
     return int(min(1024, max(16, budget_bytes // (4 * max(n_genes, 1)))))

@@ -1,0 +1,72 @@
+"""Feature corruption from the empirical marginal, on the device."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_ssrl")
+class MarginalCorruption(keras.layers.Layer):
+    """Replaces a random fraction of features with draws from their empirical marginal.
+
+    Each feature of each example is chosen with probability `rate` (a fresh mask at
+    every call, never one mask for the whole training); a chosen value is replaced by
+    the value the same feature takes in another example drawn uniformly from the batch,
+    which is a draw from that feature's empirical marginal (SCARF, section 2.2.1; VIME's
+    x~ = m * x_bar + (1 - m) * x). The replacement row is drawn from the current batch,
+    as protocol.md allows; never Uniform(min, max). Per-feature Bernoulli masks corrupt a
+    fraction `rate` on average (within +-0.2% at 57k genes) without a per-row sort.
+
+    Randomness comes from `keras.random` with the layer's `SeedGenerator`, so corruption
+    runs in the training graph on the device and is reproducible from `seed`.
+
+    Args:
+        rate: float in [0, 1], the corruption rate (c for SCARF, p_m for VIME).
+        seed: int, seed of the layer's generator.
+        return_mask: bool, also return the mask (VIME predicts it).
+
+    Call arguments:
+        x: tensor `(batch, features)`.
+
+    Returns:
+        The corrupted tensor, or `(corrupted, mask)` with a float mask of 0/1.
+
+    Example:
+
+    ```python
+    corrupt = MarginalCorruption(0.3, seed=1)
+    x_tilde = corrupt(x)
+    ```
+    """
+
+    def __init__(
+        self, rate: float, seed: int | None = None, return_mask: bool = False, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.return_mask = return_mask
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x):
+        shape = ops.shape(x)
+        mask = keras.random.uniform(shape, seed=self.seed_generator) < self.rate
+        rows = keras.random.randint(shape, 0, shape[0], seed=self.seed_generator)
+        marginal = ops.take_along_axis(x, rows, axis=0)
+        corrupted = ops.where(mask, marginal, x)
+        if self.return_mask:
+            return corrupted, ops.cast(mask, x.dtype)
+        return corrupted
+
+    def compute_output_shape(self, input_shape):
+        if self.return_mask:
+            return input_shape, input_shape
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed, return_mask=self.return_mask)
+        return config
