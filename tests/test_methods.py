@@ -146,18 +146,15 @@ def test_byol_target_is_exact_ema_and_gets_no_gradient(x):
         small_config("byol"),
         total_steps=10,
     )
-    online = lambda: [
-        w.numpy().copy()
-        for w in (  # noqa: E731
-            model.encoder.weights + model.projector.weights
-        )
-    ]
-    target = lambda: [
-        w.numpy().copy()
-        for w in (  # noqa: E731
-            model.target_encoder.weights + model.target_projector.weights
-        )
-    ]
+
+    def online():
+        weights = model.encoder.weights + model.projector.weights
+        return [w.numpy().copy() for w in weights]
+
+    def target():
+        weights = model.target_encoder.weights + model.target_projector.weights
+        return [w.numpy().copy() for w in weights]
+
     for a, b in zip(online(), target()):
         np.testing.assert_array_equal(a, b)  # the target starts as an exact copy
     target_ids = {
