@@ -145,8 +145,9 @@ def test_reads_through_tensorflow_filesystems(dataset_dir):
     remote = "ram://keras_ssrl_test/data"
     tf.io.gfile.makedirs(remote)
     for name in os.listdir(dataset_dir):
-        tf.io.gfile.copy(os.path.join(dataset_dir, name), f"{remote}/{name}",
-                         overwrite=True)
+        tf.io.gfile.copy(
+            os.path.join(dataset_dir, name), f"{remote}/{name}", overwrite=True
+        )
     local = collect(load_dataset(dataset_dir, "test", 16))
     from_ram = collect(load_dataset(remote, "test", 16, verify="checksum"))
     np.testing.assert_array_equal(local[0], from_ram[0])
