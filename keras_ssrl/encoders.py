@@ -11,6 +11,7 @@ def build_encoder(
     width: int = 256,
     dropout: float = 0.0,
     name: str = "encoder",
+    synchronized_batchnorm: bool = False,
 ) -> keras.Model:
     """Builds the encoder: `layers` x [Dense(width) -> BatchNorm -> ReLU (-> Dropout)].
 
@@ -24,6 +25,10 @@ def build_encoder(
         width: int, units per block and size of the embedding (default 256).
         dropout: float, dropout after each block (default 0, off).
         name: str, model name.
+        synchronized_batchnorm: bool, BatchNorm statistics over the global batch under
+            a `tf.distribute` strategy with several replicas (TensorFlow backend), so
+            that training matches one device; no effect on one replica. Pre-training
+            sets it under `--distribute mirrored`; saved encoders are rebuilt without it.
 
     Returns:
         A `keras.Model` mapping `(batch, n_genes)` to `(batch, width)`.
@@ -41,7 +46,9 @@ def build_encoder(
     x = inputs
     for i in range(layers):
         x = keras.layers.Dense(width, name=f"dense_{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"batchnorm_{i}")(x)
+        x = keras.layers.BatchNormalization(
+            synchronized=synchronized_batchnorm, name=f"batchnorm_{i}"
+        )(x)
         x = keras.layers.ReLU(name=f"relu_{i}")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)

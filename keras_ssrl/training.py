@@ -794,7 +794,12 @@ def _build(config: PretrainConfig, n_genes: int, plan: TrainingPlan) -> _Parts:
     from keras_ssrl.methods import build_method
 
     encoder = build_encoder(
-        n_genes, config.encoder.layers, config.encoder.width, config.encoder.dropout
+        n_genes,
+        config.encoder.layers,
+        config.encoder.width,
+        config.encoder.dropout,
+        # Several replicas: normalise with global-batch statistics, as one device does.
+        synchronized_batchnorm=tf.distribute.get_strategy().num_replicas_in_sync > 1,
     )
     try:
         model = build_method(

@@ -216,3 +216,16 @@ def test_methods_serialise_and_reload(cls, tmp_path, x):
     assert type(loaded) is cls
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_corruption_extreme_rates(rate, x):
+    corrupted, mask = (
+        keras.ops.convert_to_numpy(t)
+        for t in MarginalCorruption(rate, seed=0, return_mask=True)(x)
+    )
+    assert mask.mean() == rate
+    if rate == 0.0:
+        np.testing.assert_array_equal(corrupted, x)
+    for j in range(x.shape[1]):  # every value still comes from its own feature
+        assert set(corrupted[:, j]) <= set(x[:, j])

@@ -57,12 +57,13 @@ class MarginalCorruption(keras.layers.Layer):
         # given that, u / rate is uniform on [0, 1) and picks the donor row. Random
         # numbers are the costly part of corruption at 57k genes; this halves them.
         u = keras.random.uniform(shape, seed=self.seed_generator)
+        if self.rate == 0.0:
+            # Nothing to replace (also avoids dividing by the rate below).
+            return (x, ops.zeros_like(x)) if self.return_mask else x
         mask = u < self.rate
-        batch = ops.shape(x)[0]
-        rows = ops.cast(
-            u * (1.0 / max(self.rate, 1e-12)) * ops.cast(batch, u.dtype), "int32"
-        )
-        rows = ops.minimum(rows, batch - 1)
+        batch = ops.cast(ops.shape(x)[0], u.dtype)
+        # Clip in floating point before the cast: unmasked cells have u / rate >= 1.
+        rows = ops.cast(ops.minimum(u * (batch / self.rate), batch - 1.0), "int32")
         marginal = ops.take_along_axis(x, rows, axis=0)
         corrupted = ops.where(mask, marginal, x)
         if self.return_mask:
