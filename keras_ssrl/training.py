@@ -52,7 +52,13 @@ from keras_ssrl.config import (
 )
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
-from keras_ssrl.data.manifest import SPLITS_CSV, Manifest, join, open_file
+from keras_ssrl.data.manifest import (
+    SPLITS_CSV,
+    Manifest,
+    join,
+    open_file,
+    write_json_atomic,
+)
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTE = ("none", "mirrored")
@@ -438,20 +444,6 @@ def _check_same_run(saved: dict, current: dict, run_dir: str) -> None:
         )
 
 
-def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, allow_nan=False, default=_json_default)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def _finite_or_none(value):
     if value is None:
         return None
@@ -772,7 +764,7 @@ def _prepare_run_dir(run_dir: str, record: dict, resume: bool) -> None:
         _check_same_run(saved, record, run_dir)
     else:
         os.makedirs(run_dir, exist_ok=True)
-        _write_json(os.path.join(run_dir, CONFIG_JSON), record)
+        write_json_atomic(os.path.join(run_dir, CONFIG_JSON), record)
 
 
 @dataclasses.dataclass
@@ -1051,7 +1043,7 @@ def _finish(
         "encoder_dtype_policy": "float32",
         "projector_rows": rows,
     }
-    _write_json(os.path.join(run_dir, SUMMARY_JSON), summary)
+    write_json_atomic(os.path.join(run_dir, SUMMARY_JSON), summary)
     log(
         f"done: {summary['steps']} steps, loss {summary['final_loss']}, val_loss "
         f"{summary['final_val_loss']}; kept the {kept} encoder in "

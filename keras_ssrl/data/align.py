@@ -155,8 +155,3 @@ def rewrite_onto(
             "that both hold the same genes"
         )
     return Manifest.load(os.path.abspath(out_dir))
-
-
-def same_genes(a: Manifest, b: Manifest) -> bool:
-    """Whether two datasets hold the same genes in the same order."""
-    return a.genes == b.genes

@@ -84,9 +84,6 @@ class GenePlan:
             report=dict(self.report),
         )
 
-    def source_column(self, gene_index: int) -> int:
-        return int(self.groups[gene_index][0])
-
 
 def plan_genes(
     genes: Sequence[str],

@@ -63,9 +63,16 @@ def write_json_atomic(path: str, payload: dict) -> None:
     """Writes JSON to a temporary name, then renames: readers never see half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, allow_nan=False)
+        json.dump(payload, handle, indent=1, allow_nan=False, default=_json_default)
         handle.write("\n")
     os.replace(tmp, path)
+
+
+def _json_default(value):
+    """NumPy scalars (metrics, counts) as plain JSON numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 @dataclass
@@ -143,9 +150,6 @@ class Manifest:
 
     def shard_paths(self, split: str) -> list[str]:
         return [join(self.directory, s["file"]) for s in self.split(split)["shards"]]
-
-    def is_labelled(self, split: str) -> bool:
-        return bool(self.labels) and self.split(split).get("num_labelled", 0) > 0
 
     def digest(self) -> str:
         """sha256 of the manifest content: identifies the dataset a model saw."""

@@ -94,10 +94,3 @@ class RunningMoments:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.variance)
-
-
-def standardize_numpy(values: np.ndarray, mean, std) -> np.ndarray:
-    """NumPy reference of the in-graph standardisation."""
-    return (np.asarray(values, np.float32) - np.asarray(mean, np.float32)) / np.asarray(
-        std, np.float32
-    )

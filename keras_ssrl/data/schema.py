@@ -47,11 +47,6 @@ def encode_expression(values: np.ndarray, record_dtype: str) -> bytes:
     return np.asarray(values, dtype=np.dtype(record_dtype).newbyteorder("<")).tobytes()
 
 
-def decode_expression(data: bytes, record_dtype: str) -> np.ndarray:
-    """NumPy inverse of `encode_expression` (used by integrity checks and tests)."""
-    return np.frombuffer(data, dtype=np.dtype(record_dtype).newbyteorder("<"))
-
-
 def serialize_example(
     sample_id: str, values: np.ndarray, label: int, record_dtype: str
 ) -> bytes:
@@ -75,21 +70,6 @@ def serialize_example(
     }
     example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
     return example.SerializeToString()
-
-
-def parse_example_numpy(serialized: bytes, record_dtype: str):
-    """Parses one record without TensorFlow ops: returns `(sample_id, values, label)`."""
-    from tensorflow.core.example import example_pb2
-
-    example = example_pb2.Example.FromString(serialized)
-    feature = example.features.feature
-    missing = [k for k in (SAMPLE_ID, EXPRESSION, LABEL) if k not in feature]
-    if missing:
-        raise ValueError(f"record lacks feature(s) {missing}")
-    sample_id = feature[SAMPLE_ID].bytes_list.value[0].decode("utf-8")
-    values = decode_expression(feature[EXPRESSION].bytes_list.value[0], record_dtype)
-    label = int(feature[LABEL].int64_list.value[0])
-    return sample_id, values, label
 
 
 def feature_spec():
