@@ -118,8 +118,9 @@ class ScarfConfig:
     """SCARF (protocol.md, "SCARF").
 
     Attributes:
-        corruption_rate: fraction c of the features replaced in each example (0.3);
-            exactly round(c * n_genes) features per example, chosen uniformly.
+        corruption_rate: fraction c of the features replaced in each example (0.3):
+            each feature of each example is chosen with probability c, afresh at
+            every step.
         temperature: InfoNCE temperature tau (1.0, as in SCARF).
         projector_hidden, projector_dim: the 2-layer ReLU projector (256, 256).
     """
@@ -199,6 +200,58 @@ class PretrainConfig:
     scarf: ScarfConfig = field(default_factory=ScarfConfig)
     vime: VimeConfig = field(default_factory=VimeConfig)
     byol: ByolConfig = field(default_factory=ByolConfig)
+
+
+# Label-efficiency grids (protocol.md, "Label-efficiency protocol"): the paper's 99
+# fractions with 5 repeats, and the reduced preset for quick runs.
+FULL_FRACTIONS = tuple(round(0.01 * i, 2) for i in range(2, 101))
+QUICK_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+FULL_REPEATS = 5
+QUICK_REPEATS = 3
+# AUPC integrates the mean accuracy curve over this interval of p (eq. 3).
+AUPC_RANGE = (0.02, 0.3)
+# Pre-training set sizes q of Figure 5: 0.01..0.05 step 0.01, then 0.05..1.00 step 0.05.
+FULL_PRETRAIN_SIZES = tuple(round(0.01 * i, 2) for i in range(1, 5)) + tuple(
+    round(0.05 * i, 2) for i in range(1, 21)
+)
+# Architecture sweep of Figure 4: depth 2..10 x width {256, 1024}.
+FULL_DEPTHS = tuple(range(2, 11))
+FULL_WIDTHS = (256, 1024)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning (protocol.md, "Fine-tuning").
+
+    Attributes:
+        mode: `unfrozen` (encoder and head trained) or `frozen` (encoder weights fixed,
+            BatchNorm in inference mode, only the head trained). The non-pre-trained
+            baseline is always trained end to end: a frozen random encoder is not the
+            paper's baseline (its Figure 3 compares both modes with the same baseline).
+        fraction: p, the fraction of the fine-tuning training split used; the subset is
+            stratified and keeps at least one example per class.
+        repeat: index of the repeat; with `seed` it fixes the subset and the
+            initialisation, so the same (p, repeat) gives every method the same subset.
+        learning_rate: Adam learning rate (1e-4).
+        batch_size: 8.
+        max_epochs: at most 100 epochs.
+        patience: early stopping on the validation loss with this patience (30); the
+            weights of the best epoch are restored.
+        seed: base seed of subsets and initialisation.
+
+    The validation split (`finetune_val`) is used whole for early stopping at every p:
+    protocol.md subsamples only the fine-tuning training set. The test split is read
+    only to score the final model.
+    """
+
+    mode: str = "unfrozen"
+    fraction: float = 1.0
+    repeat: int = 0
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    max_epochs: int = 100
+    patience: int = 30
+    seed: int = 0
 
 
 def auto_block_size(n_genes: int, budget_bytes: int = 64 << 20) -> int:
