@@ -1,0 +1,116 @@
+"""Reproduce the paper's experiments end to end and write a report.
+
+Usage:
+
+    # Every figure on the built-in synthetic TCGA-like data, reduced grids (~40 min on
+    # 2 CPU cores):
+    python scripts/reproduce.py --setting tcga --preset quick
+
+    # The paper's grids on your own converted dataset (hours to days: shard it with
+    # scripts/evaluate.py ... --shard i/n on several machines instead):
+    python scripts/reproduce.py --data data/tcga --preset paper --out results/paper
+
+Runs, into --out: the three pre-training runs (`pretrain/`, shared by every experiment),
+`label-efficiency/` (Figure 3), `architectures/` (Figure 4 top), `collapse/` (Figure 4
+bottom), `pretrain-size/` (Figure 5), and `report.md` with the figures and tables next to
+the paper's findings. Rerunning resumes every experiment where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+
+import evaluate  # noqa: E402
+
+from keras_ssrl.evaluation.report import write_report  # noqa: E402
+
+# (arguments per experiment) for each preset. quick: the reduced grids of protocol.md;
+# paper: the full grids (99 fractions x 5 repeats, depth 2..10 x width 256/1024, 24 q).
+PRESETS = {
+    "quick": {
+        "label-efficiency": ["--fractions", "quick"],
+        "architectures": [
+            "--depths",
+            "2,4,6",
+            "--widths",
+            "256",
+            "--fractions",
+            "quick",
+        ],
+        "pretrain-size": ["--sizes", "quick", "--repeats", "3"],
+    },
+    "paper": {
+        "label-efficiency": ["--fractions", "full"],
+        "architectures": ["--fractions", "full"],
+        "pretrain-size": ["--sizes", "full"],
+    },
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--setting", default="tcga", choices=("tcga", "archs4", "archs4_to_tcga")
+    )
+    p.add_argument(
+        "--data", help="a converted, labelled dataset instead of built-in data"
+    )
+    p.add_argument("--pretrain-data", help="pre-training dataset (default: --data)")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--out", help="output folder (default results/reproduce-<setting>)")
+    p.add_argument("--pretrain-epochs", type=int, help="epochs of every pre-training")
+    p.add_argument("--jobs", type=int, default=1, help="parallel fine-tuning processes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    name = "custom" if args.data else args.setting
+    out = os.path.abspath(args.out or os.path.join("results", f"reproduce-{name}"))
+    common = ["--seed", str(args.seed), "--pretrain-dir", os.path.join(out, "pretrain")]
+    if args.data:
+        common += ["--data", args.data]
+        if args.pretrain_data:
+            common += ["--pretrain-data", args.pretrain_data]
+    else:
+        common += ["--setting", args.setting]
+    if args.pretrain_epochs:
+        common += ["--pretrain-epochs", str(args.pretrain_epochs)]
+    if args.jobs > 1:
+        common += ["--jobs", str(args.jobs)]
+    preset = PRESETS[args.preset]
+    steps = [
+        ["label-efficiency", "--pretrain", *preset["label-efficiency"]],
+        ["architectures", *preset["architectures"]],
+        ["pretrain-size", *preset["pretrain-size"]],
+    ]
+    for step in steps:
+        print(f"== {step[0]}", flush=True)
+        code = evaluate.main([*step, *common, "--out", os.path.join(out, step[0])])
+        if code:
+            return code
+    print("== collapse", flush=True)
+    pretrained = os.path.join(out, "pretrain")
+    runs = {
+        method: os.path.join(pretrained, entry)
+        for method in ("scarf", "vime", "byol")
+        for entry in sorted(os.listdir(pretrained))
+        if entry.startswith(f"{method}-4x256-q1-")
+    }
+    code = evaluate.main(
+        ["collapse", "--runs", ",".join(f"{k}={v}" for k, v in runs.items()),
+         "--out", os.path.join(out, "collapse")]
+        + (["--data", args.pretrain_data or args.data] if args.data else [])
+    )  # fmt: skip
+    if code:
+        return code
+    path = write_report(out, preset=args.preset, setting=name)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
