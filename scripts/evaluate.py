@@ -113,6 +113,11 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--pretrain-epochs", type=int, default=presets.PretrainConfig.epochs
         )
+        s.add_argument(
+            "--pretrain-dir",
+            help="folder of the pre-training runs started here (default "
+            "OUT/pretrain/<setting>); share it to share encoders",
+        )
         if name in ("label-efficiency", "logreg"):
             s.add_argument("--fractions", default="full",
                            help="full (0.02..1.00, 5 repeats), quick (7 values, 3 "
@@ -123,6 +128,13 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--pretrained", help="scarf=RUN,vime=RUN,byol=RUN")
             s.add_argument("--pretrain", action="store_true",
                            help="pre-train missing encoders into OUT/pretrain")  # fmt: skip
+        if name in ("label-efficiency", "pretrain-size"):
+            s.add_argument("--layers", type=int, default=presets.EncoderConfig.layers,
+                           help="encoder depth (label-efficiency: default the "
+                           "--pretrained runs')")  # fmt: skip
+            s.add_argument("--width", type=int, default=presets.EncoderConfig.width,
+                           help="encoder width (label-efficiency: default the "
+                           "--pretrained runs')")  # fmt: skip
         if name == "architectures":
             s.add_argument("--methods", default="baseline,scarf,vime,byol")
             s.add_argument("--depths", default=",".join(map(str, presets.FULL_DEPTHS)))
@@ -190,10 +202,15 @@ def experiment_of(args) -> protocol.Experiment:
     if command == "architectures":
         experiment.depths, experiment.widths = _ints(args.depths), _ints(args.widths)
     if command == "pretrain-size":
+        experiment.depths, experiment.widths = (args.layers,), (args.width,)
         experiment.pretrain_sizes = _floats(
             args.sizes, presets.FULL_PRETRAIN_SIZES, (0.05, 0.2, 1.0)
         )
     if command == "label-efficiency":
+        experiment.depths, experiment.widths = (args.layers,), (args.width,)
+        if experiment.pretrained:
+            layers, width = protocol.architecture_of_runs(experiment.pretrained)
+            experiment.depths, experiment.widths = (layers,), (width,)
         missing = [
             m for m in methods
             if m in protocol.SSL_METHODS and m not in experiment.pretrained
@@ -224,7 +241,12 @@ def _run_jobs(args, argv: list[str], experiment, out: str) -> int:
         for method in experiment.methods:
             if method in protocol.SSL_METHODS and method not in experiment.pretrained:
                 spec = protocol.PretrainSpec(
-                    method, 4, 256, 1.0, experiment.pretrain_epochs, experiment.seed
+                    method,
+                    experiment.depths[0],
+                    experiment.widths[0],
+                    1.0,
+                    experiment.pretrain_epochs,
+                    experiment.seed,
                 )
                 protocol.ensure_pretrained(spec, pretrain_data, root)
     base = [a for a in _strip(argv, "--jobs") if a]

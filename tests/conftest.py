@@ -81,3 +81,43 @@ def dataset_dir(tmp_path_factory, matrix):
         log=lambda _: None,
     )
     return str(out)
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="session")
+def labelled_dir(tmp_path_factory):
+    """synthetic-tcga, 600 samples x 120 genes: 19 classes, ~56 fine-tuning samples."""
+    from keras_ssrl.data.builtin import builtin_source
+
+    out = str(tmp_path_factory.mktemp("labelled") / "data")
+    source = builtin_source("synthetic-tcga", n_samples=600, n_genes=120)
+    convert(source, out, ConversionConfig(shards=2), log=quiet)
+    return out
+
+
+def tiny_pretrain_config(method: str = "scarf", epochs: int = 1):
+    from keras_ssrl.training import config_from_dict
+
+    return config_from_dict(
+        {
+            "method": method,
+            "epochs": epochs,
+            "batch_size": 64,
+            "encoder": {"layers": 2, "width": 16},
+            "scarf": {"projector_hidden": 16, "projector_dim": 16},
+            "byol": {"hidden": 32, "projection_dim": 16},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_scarf_run(labelled_dir, tmp_path_factory):
+    """A finished 2 x 16 SCARF pre-training run on `labelled_dir`."""
+    from keras_ssrl.training import run_pretraining
+
+    run_dir = str(tmp_path_factory.mktemp("pretrained") / "scarf")
+    run_pretraining(tiny_pretrain_config(), labelled_dir, run_dir, verbose=0, log=quiet)
+    return run_dir

@@ -46,7 +46,9 @@ def allocate(counts: np.ndarray, total: int, minimum: int = 0) -> np.ndarray:
         return np.zeros_like(counts)
     quota = counts * (total / counts.sum())
     result = np.minimum(np.maximum(np.floor(quota).astype(np.int64), minimum), counts)
-    remainder = quota - np.floor(quota)
+    # What each group still lacks of its quota: a group raised to `minimum` already
+    # holds more than its share and is served last.
+    remainder = quota - result
     # Hand out the missing units by largest remainder, then take surplus units back from
     # the groups furthest above their quota; stable orders keep this deterministic.
     for _ in range(int(abs(total - result.sum())) + len(counts)):
