@@ -206,6 +206,21 @@ class Experiment:
         return data
 
 
+def architecture_of_runs(runs: dict[str, str]) -> tuple[int, int]:
+    """The (layers, width) shared by pre-training runs; an error if they differ."""
+    from keras_ssrl.finetuning import encoder_config_of
+
+    found = {name: encoder_config_of(run) for name, run in runs.items()}
+    shapes = {(c.layers, c.width) for c in found.values()}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{n} {c.layers}x{c.width}" for n, c in found.items())
+        raise ProtocolError(
+            f"the --pretrained encoders differ in architecture ({listing}); a "
+            "label-efficiency comparison needs one architecture"
+        )
+    return shapes.pop()
+
+
 def validate(experiment: Experiment) -> None:
     unknown = set(experiment.methods) - set(METHODS)
     if unknown:
@@ -473,13 +488,14 @@ class Runner:
         self._weights: dict = {}
 
     def encoder_run(self, spec: PretrainSpec) -> str:
-        default = (spec.layers, spec.width, spec.q) == (4, 256, 1.0)
-        given = self.experiment.pretrained.get(spec.method)
+        e = self.experiment
+        default = (spec.layers, spec.width, spec.q) == (e.depths[0], e.widths[0], 1.0)
+        given = e.pretrained.get(spec.method)
         if given and default:
             return given
         if given and not default:
             raise ProtocolError(
-                f"--pretrained {spec.method}=... gives a 4x256 encoder on the whole "
+                f"--pretrained {spec.method}=... is one encoder on the whole "
                 f"pre-training set; this experiment needs {spec.name}: use --pretrain"
             )
         root = pretrain_root(self.experiment, self.out_dir)
