@@ -40,7 +40,7 @@ from keras_ssrl import __version__
 from keras_ssrl.config import EncoderConfig, FinetuneConfig, to_dict
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
-from keras_ssrl.data.manifest import Manifest, write_json_atomic
+from keras_ssrl.data.manifest import Manifest, genes_digest, write_json_atomic
 from keras_ssrl.data.splits import allocate
 
 CLASSIFIER_FILE = "classifier.keras"
@@ -219,7 +219,7 @@ def load_encoder_weights(run_dir: str, manifest: Manifest) -> list[np.ndarray]:
     """Weights of a pre-training run's encoder, checked against the dataset's genes."""
     import keras
 
-    from keras_ssrl.training import ENCODER_FILE, _genes_digest, load_run_config
+    from keras_ssrl.training import ENCODER_FILE, load_run_config
 
     path = os.path.join(run_dir, ENCODER_FILE)
     if not os.path.exists(path):
@@ -229,7 +229,7 @@ def load_encoder_weights(run_dir: str, manifest: Manifest) -> list[np.ndarray]:
         )
     record = load_run_config(run_dir) or {}
     digest = record.get("data", {}).get("genes_sha256")
-    if digest is not None and digest != _genes_digest(manifest.genes):
+    if digest is not None and digest != genes_digest(manifest.genes):
         raise FinetuneError(
             f"{run_dir}: the encoder was pre-trained on another gene list than "
             f"{manifest.directory} ({record['data'].get('n_genes')} vs "
@@ -290,6 +290,13 @@ class Finetuner:
 
         if mode not in MODES:
             raise FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
+        for name in ("batch_size", "max_epochs", "patience"):
+            if getattr(config, name) < 1:
+                raise FinetuneError(f"{name} must be >= 1, got {getattr(config, name)}")
+        if not config.learning_rate > 0:
+            raise FinetuneError(
+                f"learning_rate must be > 0, got {config.learning_rate}"
+            )
         self.n_genes, self.n_classes = n_genes, n_classes
         self.encoder_config, self.mode, self.config = encoder_config, mode, config
         previous = keras.config.dtype_policy()
@@ -521,7 +528,7 @@ def finetune(
     """
     import keras
 
-    from keras_ssrl.training import _genes_digest, load_run_config
+    from keras_ssrl.training import load_run_config
 
     config = config or FinetuneConfig()
     if os.path.exists(os.path.join(out_dir, CONFIG_JSON)):
@@ -567,7 +574,7 @@ def finetune(
             "dir": data.data_dir,
             "manifest_sha256": data.manifest.digest(),
             "n_genes": data.n_genes,
-            "genes_sha256": _genes_digest(data.manifest.genes),
+            "genes_sha256": genes_digest(data.manifest.genes),
             "n_train": result.n_train,
             "n_val": len(data.val.y),
             "n_test": len(data.test.y),

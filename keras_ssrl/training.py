@@ -30,7 +30,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from keras_ssrl.data.errors import DataError
 from keras_ssrl.data.manifest import (
     SPLITS_CSV,
     Manifest,
+    genes_digest,
     join,
     open_file,
     write_json_atomic,
@@ -386,10 +386,6 @@ def make_train_data(
 # ------------------------------------------------------------------------- run dir
 
 
-def _genes_digest(genes: list[str]) -> str:
-    return hashlib.sha256("\n".join(genes).encode("utf-8")).hexdigest()
-
-
 def _flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for key, item in value.items():
@@ -693,7 +689,7 @@ def run_pretraining(
             "builtin": builtin,
             "manifest_sha256": manifest.digest(),
             "n_genes": manifest.n_genes,
-            "genes_sha256": _genes_digest(manifest.genes),
+            "genes_sha256": genes_digest(manifest.genes),
             "n_pretrain": manifest.num_records(schema.PRETRAIN),
             "n_train": n_train,
             "n_val": manifest.num_records(schema.PRETRAIN_VAL),

@@ -75,6 +75,11 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def genes_digest(genes: list[str]) -> str:
+    """sha256 of an ordered gene list: what runs record to recognise their genes."""
+    return hashlib.sha256("\n".join(genes).encode("utf-8")).hexdigest()
+
+
 @dataclass
 class Manifest:
     """A parsed `manifest.json`, with the folder it came from."""

@@ -50,6 +50,30 @@ def apply_transform(values: np.ndarray, transform: str) -> np.ndarray:
     raise DataError(f"unknown transform {transform!r}")
 
 
+def standardizer(mean: np.ndarray, std: np.ndarray):
+    """The in-graph z-score of the reader and of the exported model: one definition.
+
+    Args:
+        mean, std: per-gene statistics of the stored values (the manifest's, fitted on
+            the pre-training split; zero-variance genes were dropped, so `std > 0`).
+
+    Returns:
+        A function mapping a float32 tensor `(batch, genes)` to `(x - mean) * (1 / std)`
+        (the reciprocal computed once, in float32), for `tf.data` maps and
+        `tf.function`s alike. Training and serving call this same function, so the
+        two cannot drift apart.
+    """
+    import tensorflow as tf
+
+    mean = tf.constant(np.asarray(mean, dtype=np.float32))
+    inv_std = tf.constant(1.0 / np.asarray(std, dtype=np.float32))
+
+    def standardize(x):
+        return (x - mean) * inv_std
+
+    return standardize
+
+
 @dataclass
 class RunningMoments:
     """Per-gene mean and variance accumulated over blocks (Chan et al.'s merge).

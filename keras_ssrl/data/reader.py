@@ -7,6 +7,7 @@ import os
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
 from keras_ssrl.data.manifest import Manifest, sha256_file
+from keras_ssrl.data.preprocessing import standardizer
 
 VERIFY_MODES = ("none", "size", "checksum")
 # Records batched per parse when caching decoded values: large enough to amortise
@@ -144,8 +145,7 @@ def load_dataset(
 
     n_genes = manifest.n_genes
     record_dtype = manifest.record_dtype
-    mean = tf.constant(manifest.mean, dtype=tf.float32)
-    inv_std = tf.constant(1.0 / manifest.std, dtype=tf.float32)
+    z_score = standardizer(manifest.mean, manifest.std)
 
     def decode(serialized):
         # Only what the caller asked for travels down the pipeline (and into a cache).
@@ -160,7 +160,7 @@ def load_dataset(
     def finish(values, *rest):
         x = tf.cast(values, tf.float32)
         if standardize:
-            x = (x - mean) * inv_std
+            x = z_score(x)
         return (x, *rest) if rest else x
 
     options = tf.data.Options()

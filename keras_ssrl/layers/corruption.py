@@ -88,13 +88,12 @@ class MarginalCorruption(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, x):
-        shape = ops.shape(x)
+        if self.rate == 0.0:
+            # Nothing to replace: no random numbers, no division by the rate below.
+            return (x, ops.zeros_like(x)) if self.return_mask else x
         # One uniform draw per cell serves both choices (see `_replace_cells`): random
         # numbers are a costly part of corruption at 57k genes; this halves them.
-        u = keras.random.uniform(shape, seed=self.seed_generator)
-        if self.rate == 0.0:
-            # Nothing to replace (also avoids dividing by the rate below).
-            return (x, ops.zeros_like(x)) if self.return_mask else x
+        u = keras.random.uniform(ops.shape(x), seed=self.seed_generator)
         corrupted, mask = _replace(x, u, self.rate)
         return (corrupted, mask) if self.return_mask else corrupted
 

@@ -1,0 +1,165 @@
+"""Send expression samples to an exported model (TF Serving or in-process); write CSV.
+
+Usage:
+
+    # A CSV of samples x genes, to TF Serving's REST API (model name ssrl):
+    python export/client.py --input samples.csv --rest localhost:8501 --model-name ssrl \
+        --model-dir models/ssrl --out predictions.csv
+
+    # The same over gRPC, version 2, columns of a Parquet file with a label column:
+    python export/client.py --input samples.parquet --label-column cancer_type \
+        --grpc localhost:8500 --model-name ssrl --version 2 --model-dir models/ssrl/2
+
+    # In-process, no server: the SavedModel called with the same inputs and outputs:
+    python export/client.py --input samples.tsv --local models/ssrl --out predictions.csv
+
+    # A converted TFRecord folder (test split), records sent as tf.train.Example:
+    python export/client.py --records data/tcga --split test --local models/ssrl
+
+Columns are matched to the model's gene list (assets/genes.txt of the export, read from
+--model-dir or --local) by gene id without version suffix: missing genes are an error
+that names them, extra genes are ignored and counted. The CSV holds sample_id (and label
+with --label-column), class_name, class_id and one probability column p_<class> per
+class for a classifier, embedding_<i> columns for an encoder (or with --embedding).
+
+Exit status: 0 done; 2 bad arguments or input; 3 the server refused or failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Keep this folder (client.py, export_model.py) from shadowing installed modules.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import argparse  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.data.genes import DUPLICATE_POLICIES  # noqa: E402
+from keras_ssrl.data.schema import SPLITS, TEST  # noqa: E402
+from keras_ssrl.serving.client import (  # noqa: E402
+    DEFAULT_BATCH,
+    REST_FORMS,
+    GrpcModel,
+    LocalModel,
+    ModelInfo,
+    RestModel,
+    ServingError,
+    read_record_samples,
+    read_table_samples,
+    run_client,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring (head -30 export/client.py) for examples.",
+    )
+    src = p.add_argument_group("samples")
+    what = src.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--input", help="CSV / TSV / Parquet of samples with gene columns"
+    )
+    what.add_argument("--records", metavar="DATA_DIR", help="converted TFRecord folder")
+    src.add_argument("--split", default=TEST, choices=SPLITS, help="with --records")
+    src.add_argument(
+        "--format", default="auto", choices=("auto", "csv", "tsv", "parquet")
+    )
+    src.add_argument("--sample-column", help="sample-id column (default: the first)")
+    src.add_argument("--label-column", help="a label column, copied to the output")
+    orient = src.add_mutually_exclusive_group()
+    orient.add_argument(
+        "--genes-as-rows", dest="genes_as_rows", action="store_true", default=None
+    )
+    orient.add_argument("--samples-as-rows", dest="genes_as_rows", action="store_false")
+    src.add_argument(
+        "--duplicate-genes",
+        default="error",
+        choices=[d for d in DUPLICATE_POLICIES if d != "unique"],
+        help="how columns with the same gene id are merged (default: error)",
+    )
+    srv = p.add_argument_group("model")
+    where = srv.add_mutually_exclusive_group(required=True)
+    where.add_argument("--rest", metavar="HOST:PORT", help="TF Serving REST endpoint")
+    where.add_argument("--grpc", metavar="HOST:PORT", help="TF Serving gRPC endpoint")
+    where.add_argument(
+        "--local", metavar="MODEL_DIR", help="call the export in-process (no server)"
+    )
+    srv.add_argument(
+        "--model-dir",
+        metavar="MODEL_DIR",
+        help="the export (MODEL_BASE or a version folder, or a copy): its assets give "
+        "the gene list and class names; required with --rest / --grpc",
+    )
+    srv.add_argument("--model-name", default="ssrl", help="TF Serving model name")
+    srv.add_argument(
+        "--version", type=int, help="model version (default: the server's)"
+    )
+    srv.add_argument("--rest-format", default="instances", choices=REST_FORMS)
+    srv.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--embedding", action="store_true", help="also write embeddings")
+    p.add_argument("--out", default="predictions.csv", help="predictions CSV")
+    args = p.parse_args(argv)
+    if args.local is None and args.model_dir is None:
+        p.error("--rest / --grpc need --model-dir (the export, for its gene list)")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model = None
+    local = args.local
+    if (
+        local
+        and args.version is not None
+        and not os.path.isfile(os.path.join(local, "saved_model.pb"))
+    ):
+        local = os.path.join(local, str(args.version))  # MODEL_BASE/<version>
+    try:
+        info = ModelInfo.load(args.model_dir or local)
+        if args.records:
+            samples = read_record_samples(args.records, args.split, info)
+        else:
+            samples = read_table_samples(
+                args.input,
+                info,
+                fmt=args.format,
+                sample_column=args.sample_column,
+                label_column=args.label_column,
+                genes_as_rows=args.genes_as_rows,
+                duplicate_genes=args.duplicate_genes,
+            )
+        if local:
+            model = LocalModel(local)
+        elif args.rest:
+            model = RestModel(
+                args.rest, args.model_name, args.version, args.rest_format, args.timeout
+            )
+        else:
+            model = GrpcModel(args.grpc, args.model_name, args.version, args.timeout)
+        run_client(
+            model, info, samples, args.out, batch_size=args.batch_size,
+            embedding=args.embedding,
+        )  # fmt: skip
+    except (DataError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ServingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    finally:
+        if isinstance(model, GrpcModel):
+            model.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Export a trained encoder or classifier as a versioned SavedModel for TF Serving.
+
+Usage:
+
+    # The classifier of a fine-tuning run, as the next version of models/ssrl:
+    python export/export_model.py --run runs/finetune-scarf --out models/ssrl
+
+    # The encoder of a pre-training run, as version 3, its dataset moved to data/tcga:
+    python export/export_model.py --run runs/scarf-tcga --out models/ssrl-encoder \
+        --version 3 --data data/tcga
+
+Writes MODEL_BASE/<version>/ (saved_model.pb, variables/, assets/ with genes.txt,
+class_names.txt, manifest_sha256.txt and model_card.json) through a temporary folder
+that is renamed only after the SavedModel was loaded back and compared with the Keras
+model. The served graph takes raw expression values in the model's gene order and
+applies the dataset's transform and standardisation itself (export/README.md).
+
+Exit status: 0 done; 2 bad arguments, run folder, dataset or model (nothing written).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Keep this folder (client.py, export_model.py) from shadowing installed modules.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import argparse  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.serving.export import ExportError, export_run  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring (head -25 export/export_model.py) for examples.",
+    )
+    p.add_argument(
+        "--run",
+        required=True,
+        metavar="RUN_DIR",
+        help="a pre-training run (exports the encoder) or a fine-tuning run (exports "
+        "the classifier)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="MODEL_BASE",
+        help="the model's base folder (TF Serving's model_base_path); the version is "
+        "written below it",
+    )
+    p.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="version number >= 1 (default: the next integer after the largest there); "
+        "an existing version is never overwritten",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="the converted dataset the run was trained on, if it moved since (default: "
+        "the folder recorded in the run's config.json)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        export_run(args.run, args.out, version=args.version, data_dir=args.data)
+    except (ExportError, DataError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
