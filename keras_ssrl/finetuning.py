@@ -40,7 +40,12 @@ from keras_ssrl import __version__
 from keras_ssrl.config import EncoderConfig, FinetuneConfig, to_dict
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
-from keras_ssrl.data.manifest import Manifest, genes_digest, write_json_atomic
+from keras_ssrl.data.manifest import (
+    Manifest,
+    atomic_path,
+    genes_digest,
+    write_json_atomic,
+)
 from keras_ssrl.data.splits import allocate
 
 CLASSIFIER_FILE = "classifier.keras"
@@ -610,9 +615,7 @@ def finetune(
 
 
 def _write_history(path: str, history: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write("epoch,loss,val_loss\n")
         for row in history:
             handle.write(f"{row['epoch']},{row['loss']:.6g},{row['val_loss']:.6g}\n")
-    os.replace(tmp, path)

@@ -9,6 +9,7 @@ check, alignment and (later) model export read it; nothing is inferred from file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -59,13 +60,34 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name next to `path`, renamed onto `path` on success.
+
+    Readers (and a rerun after a crash) never see half a file: on any error the
+    temporary file is removed and `path` keeps its previous content.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json_atomic(path: str, payload: dict) -> None:
     """Writes JSON to a temporary name, then renames: readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1, allow_nan=False, default=_json_default)
         handle.write("\n")
-    os.replace(tmp, path)
+
+
+def write_csv_atomic(frame, path: str, float_format: str = "%.7g") -> None:
+    """Writes a pandas DataFrame as CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format=float_format)
 
 
 def _json_default(value):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 # One colour per method, the same in every figure.
@@ -36,9 +34,10 @@ def _log_fraction_axis(ax) -> None:
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    from keras_ssrl.data.manifest import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def label_efficiency(frame, path: str, title: str = "") -> None:

@@ -32,7 +32,7 @@ from keras_ssrl.config import (
     FinetuneConfig,
     PretrainConfig,
 )
-from keras_ssrl.data.manifest import write_json_atomic
+from keras_ssrl.data.manifest import atomic_path, write_csv_atomic, write_json_atomic
 from keras_ssrl.finetuning import (
     BASELINE,
     FinetuneData,
@@ -337,12 +337,10 @@ def write_results(path: str, rows: Iterable[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({c: row[c] for c in RESULT_COLUMNS})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write(buffer.getvalue())
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------ progress
@@ -727,12 +725,6 @@ def gain_table(frame, experiment: Experiment, n_boot: int = 2000):
     columns = ["architecture", "q", "method", "mode", "aupc", "aupc_normalised",
                "gain_vs_baseline", "ci_low", "ci_high", "repeats"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
-
-
-def write_csv_atomic(frame, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    frame.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
 
 
 def summarize(out_dir: str, log=print) -> list[str]:

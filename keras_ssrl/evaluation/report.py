@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 
+from keras_ssrl.data.manifest import atomic_path
+
 # What the paper reports (sections 3.3-3.5), for the reader to compare with.
 PAPER_FINDINGS = {
     "label-efficiency": (
@@ -87,8 +89,6 @@ def write_report(out_dir: str, preset: str, setting: str) -> str:
         _table(os.path.join(out_dir, "pretrain-size", "pretrain_size.csv")),
     ]
     path = os.path.join(out_dir, "report.md")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write("\n".join(sections))
-    os.replace(tmp, path)
     return path

@@ -37,6 +37,7 @@ import numpy as np
 
 from keras_ssrl.data.errors import DataError, preview
 from keras_ssrl.data.genes import plan_genes, strip_version
+from keras_ssrl.data.manifest import write_csv_atomic
 from keras_ssrl.serving.export import (
     ASSETS,
     CLASS_NAMES_TXT,
@@ -547,17 +548,6 @@ def predictions_frame(
         for i in range(emb.shape[1]):
             columns[f"embedding_{i}"] = emb[:, i]
     return pd.DataFrame(columns)
-
-
-def write_csv_atomic(frame, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        frame.to_csv(tmp, index=False, float_format="%.7g")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def run_client(
