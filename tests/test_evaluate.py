@@ -240,3 +240,24 @@ def test_logreg_subcommand(cli, labelled_dir, tmp_path):
     table = rows(os.path.join(out, "results.csv"))
     assert {r["method"] for r in table} == {"logreg"} and len(table) == 4
     assert len({r["seed"] for r in table}) == 4  # repeats and fractions differ
+
+
+def test_transfer_setting_aligns_both_datasets_on_common_genes(labelled_dir, tmp_path):
+    from keras_ssrl.config import ConversionConfig
+    from keras_ssrl.data.builtin import builtin_source
+    from keras_ssrl.data.convert import convert
+    from keras_ssrl.data.manifest import Manifest
+
+    archs4 = str(tmp_path / "archs4")
+    source = builtin_source("synthetic-archs4", n_samples=400, n_genes=120)
+    convert(source, archs4, ConversionConfig(shards=1), log=lambda _: None)
+    pre, fine = protocol.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
+    a, b = Manifest.load(pre), Manifest.load(fine)
+    assert a.genes == b.genes  # same genes, same order
+    common = set(Manifest.load(archs4).genes) & set(Manifest.load(labelled_dir).genes)
+    assert set(a.genes) == common and 0 < len(common) < 120
+    # Each keeps its own samples and labels; written once, reused.
+    assert a.num_records("pretrain") == Manifest.load(archs4).num_records("pretrain")
+    assert b.labels == Manifest.load(labelled_dir).labels
+    again = protocol.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
+    assert again == (pre, fine)

@@ -405,19 +405,43 @@ def setting_data(experiment: Experiment, log=print) -> tuple[str, str]:
         folder = ensure_builtin("synthetic-archs4", log=log)
         return e.pretrain_data or folder, folder
     if e.setting == "archs4_to_tcga":
-        from keras_ssrl.data.align import rewrite_onto
-
+        archs4 = ensure_builtin("synthetic-archs4", log=log)
         tcga = ensure_builtin("synthetic-tcga", log=log)
-        aligned = os.path.join(cache_root(), "synthetic-archs4-seed0-on-synthetic-tcga")
-        if not os.path.exists(os.path.join(aligned, "manifest.json")):
-            archs4 = ensure_builtin("synthetic-archs4", log=log)
-            log(f"aligning synthetic-archs4 onto the synthetic-tcga genes: {aligned}")
-            rewrite_onto(archs4, tcga, aligned, log=log)
-        return e.pretrain_data or aligned, tcga
+        pretrain, finetune = align_pair(archs4, tcga, cache_root(), log=log)
+        return e.pretrain_data or pretrain, finetune
     raise ProtocolError(
         f"unknown setting {e.setting!r}; choose tcga, archs4 or archs4_to_tcga, or "
         "pass --data"
     )
+
+
+def align_pair(
+    pretrain_dir: str, finetune_dir: str, root: str, log=print
+) -> tuple[str, str]:
+    """Both datasets restricted to their common genes, in one order (transfer setting).
+
+    The pre-training data is rewritten onto the fine-tuning genes it shares, then the
+    fine-tuning data onto that list, so that both hold exactly the same genes in the
+    same order (protocol.md: datasets are combined only through explicit alignment,
+    never by column position). Each keeps its own statistics (fitted on its own
+    pre-training split). The aligned folders are written once under `root`.
+    """
+    from keras_ssrl.data.align import rewrite_onto
+    from keras_ssrl.data.manifest import Manifest
+
+    def name(path):
+        return os.path.basename(os.path.normpath(path))
+
+    source = os.path.join(root, f"{name(pretrain_dir)}-on-{name(finetune_dir)}")
+    target = os.path.join(root, f"{name(finetune_dir)}-on-{name(pretrain_dir)}")
+    if not os.path.exists(os.path.join(source, "manifest.json")):
+        log(f"aligning {name(pretrain_dir)} onto the genes of {name(finetune_dir)}")
+        rewrite_onto(pretrain_dir, Manifest.load(finetune_dir).genes, source,
+                     target_name=name(finetune_dir), log=log)  # fmt: skip
+    if not os.path.exists(os.path.join(target, "manifest.json")):
+        rewrite_onto(finetune_dir, Manifest.load(source).genes, target,
+                     target_name=name(source), log=log)  # fmt: skip
+    return source, target
 
 
 def pretrain_root(experiment: Experiment, out_dir: str) -> str:
