@@ -348,6 +348,12 @@ class Finetuner:
             input_signature=[tf.TensorSpec([None, n_genes], tf.float32)],
         )
         self._features_of: tuple | None = None
+        self._encoder_holds: str | None = None
+        # What training can change, saved at the best epoch: in frozen mode the head
+        # only; unfrozen, every variable (BatchNorm moving statistics included).
+        self._mutable = (
+            self.head.variables if mode == "frozen" else self.classifier.variables
+        )
 
     # Graph functions: traced once per Finetuner.
     def _forward(self, x, training):
@@ -395,35 +401,31 @@ class Finetuner:
     def embed(self, x: np.ndarray) -> np.ndarray:
         return self._chunked(self._embed, x)
 
-    def reset(self, seed: int, encoder_weights: list[np.ndarray] | None) -> None:
-        """Fresh head (and baseline encoder) from `seed`; optimizer state cleared."""
+    def reset(
+        self,
+        seed: int,
+        encoder_weights: list[np.ndarray] | None,
+        encoder_key: str | None = None,
+    ) -> None:
+        """Fresh head (and baseline encoder) from `seed`; optimizer state cleared.
+
+        Variables are re-drawn from their layers' initialisers and assigned in place,
+        which keeps this model, its variables and its traced graphs.
+        """
         import keras
 
-        from keras_ssrl.encoders import build_encoder
-
-        keras.utils.set_random_seed(seed)
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("float32")
-        try:
-            # A throw-away model drawn from the same initialisers gives fresh values;
-            # assigning them keeps this model, its variables and its traced graphs.
-            template = build_classifier(
-                build_encoder(
-                    self.n_genes,
-                    self.encoder_config.layers,
-                    self.encoder_config.width,
-                    self.encoder_config.dropout,
-                ),
-                self.n_classes,
-            )
-        finally:
-            keras.config.set_dtype_policy(previous)
-        if encoder_weights is not None:
-            template.get_layer("encoder").set_weights(encoder_weights)
-        self.classifier.set_weights(template.get_weights())
+        rng = np.random.default_rng(seed)
+        keras.utils.set_random_seed(seed)  # dropout and anything else drawn later
+        _reinitialize(self.head, rng)
+        if encoder_weights is None:
+            _reinitialize(self.encoder, rng)
+            self._encoder_holds = None
+        elif encoder_key is None or self._encoder_holds != encoder_key:
+            self.encoder.set_weights(encoder_weights)
+            # Frozen training never changes the encoder: no reload while it holds them.
+            self._encoder_holds = encoder_key if self.mode == "frozen" else None
         for variable, value in zip(self.optimizer.variables, self._fresh_optimizer):
             variable.assign(value)
-        self._features_of = None
 
     def _features(self, data: FinetuneData, key) -> tuple[np.ndarray, ...]:
         splits = (data.train.x, data.val.x, data.test.x)
@@ -461,7 +463,7 @@ class Finetuner:
         if self.mode == "frozen" and encoder_weights is None:
             raise FinetuneError("frozen fine-tuning needs a pre-trained encoder")
         started = time.perf_counter()
-        self.reset(seed, encoder_weights)
+        self.reset(seed, encoder_weights, encoder_key)
         key = encoder_key if encoder_key is not None else object()
         x_train, x_val, x_test = self._features(data, key)
         x_train = tf.constant(x_train)
@@ -486,10 +488,11 @@ class Finetuner:
                 )
             if val_loss < best:
                 best, best_epoch = val_loss, epoch
-                best_weights = self.classifier.get_weights()
+                best_weights = [v.numpy() for v in self._mutable]
             elif epoch - best_epoch >= cfg.patience:
                 break
-        self.classifier.set_weights(best_weights)
+        for variable, value in zip(self._mutable, best_weights):
+            variable.assign(value)
         predictions = self.logits(x_test).argmax(axis=1)
         metrics = classification_metrics(data.test.y, predictions, self.n_classes)
         return RunResult(
@@ -500,6 +503,37 @@ class Finetuner:
             n_train=int(len(subset)),
             seconds=time.perf_counter() - started,
         )
+
+
+def _reinitialize(model, rng: np.random.Generator) -> None:
+    """Re-draws every variable of `model`'s layers from the layer's own initialisers.
+
+    Each initialiser is rebuilt with a seed drawn from `rng` (Keras initialisers fix
+    their seed when constructed, so calling the layer's own would repeat its values).
+    """
+    import keras
+
+    def fresh(initializer, variable):
+        config = initializer.get_config()
+        if "seed" in config:
+            config["seed"] = int(rng.integers(2**31 - 1))
+        value = type(initializer).from_config(config)(variable.shape, variable.dtype)
+        variable.assign(value)
+
+    for layer in model.layers if hasattr(model, "layers") else [model]:
+        if isinstance(layer, keras.layers.Dense):
+            fresh(layer.kernel_initializer, layer.kernel)
+            if layer.use_bias:
+                fresh(layer.bias_initializer, layer.bias)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+                variable = getattr(layer, name, None)
+                if variable is not None:
+                    fresh(getattr(layer, f"{name}_initializer"), variable)
+        elif layer.weights:
+            raise FinetuneError(
+                f"cannot re-initialise layer {layer.name!r} ({type(layer).__name__})"
+            )
 
 
 # -------------------------------------------------------------------- one run, on disk

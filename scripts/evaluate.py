@@ -149,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collapse", help="covariance spectra of pre-trained encoders")
     c.add_argument("--runs", help="name=RUN_DIR,... pre-training runs")
     c.add_argument("--from", dest="from_dir",
-                   help="an experiment --out folder: use every run in its pretrain/")  # fmt: skip
+                   help="a folder to search for finished pre-training runs (e.g. an "
+                   "experiment's --out or --pretrain-dir)")  # fmt: skip
     c.add_argument("--data", help="dataset whose pretrain_val split is embedded")
     c.add_argument("--out", default=os.path.join("results", "collapse"))
     m = sub.add_parser("merge", help="join the shard tables of an experiment folder")
@@ -221,6 +222,19 @@ def experiment_of(args) -> protocol.Experiment:
                 f"{missing[0]}=RUN_DIR,... or --pretrain to pre-train them here"
             )
     return experiment
+
+
+def _finished_runs(folder: str) -> list[tuple[str, str]]:
+    """(name, RUN_DIR) of the finished pre-training runs under `folder` (any depth)."""
+    from keras_ssrl.training import ENCODER_FILE
+
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs.sort()
+        if ENCODER_FILE in files:
+            found.append((os.path.basename(here), here))
+            dirs[:] = []  # a run's own sub-folders hold no other runs
+    return found
 
 
 def _set_threads(threads: int | None) -> None:
@@ -305,10 +319,11 @@ def main(argv=None) -> int:
         if args.command == "collapse":
             runs = _pairs(args.runs)
             if args.from_dir:
-                root = os.path.join(args.from_dir, "pretrain")
-                for setting in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-                    for name in sorted(os.listdir(os.path.join(root, setting))):
-                        runs.setdefault(name, os.path.join(root, setting, name))
+                runs.update(
+                    (name, path)
+                    for name, path in _finished_runs(args.from_dir)
+                    if name not in runs
+                )
             protocol.run_collapse(runs, args.data, args.out)
             return 0
         _set_threads(args.threads)

@@ -65,7 +65,13 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--out", help="output folder (default results/reproduce-<setting>)")
     p.add_argument("--pretrain-epochs", type=int, help="epochs of every pre-training")
-    p.add_argument("--jobs", type=int, default=1, help="parallel fine-tuning processes")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(os.cpu_count() or 1, 4),
+        help="parallel fine-tuning processes (default: the cores, at most 4; on 2 "
+        "cores, 2 single-threaded processes run sweeps 1.5x faster than one)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     name = "custom" if args.data else args.setting

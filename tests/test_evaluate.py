@@ -224,6 +224,12 @@ def test_other_sweeps_collapse_and_report(cli, labelled_dir, tiny_scarf_run, lab
     spectrum = rows(os.path.join(out, "spectrum.csv"))
     assert len(spectrum) == 2 * 16  # 16 singular values per encoder
     assert os.path.exists(os.path.join(out, "collapse.png"))
+    # --from finds every finished run under a folder (here the sweeps' encoders).
+    found = str(root / "collapse-found")
+    assert cli.main(["collapse", "--from", pretrain_dir, "--data", labelled_dir,
+                     "--out", found]) == 0  # fmt: skip
+    names = [r["run"] for r in rows(os.path.join(found, "collapse.csv"))]
+    assert names == [*sorted(os.listdir(pretrain_dir)), "random-init"]
 
     report = open(write_report(str(root), preset="test", setting="custom")).read()
     assert "_missing" not in report
