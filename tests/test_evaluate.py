@@ -87,6 +87,11 @@ def test_every_run_belongs_to_exactly_one_shard():
             for r in u.runs
         ]
         assert sorted(seen) == sorted(every)
+        loads = [
+            sum(protocol.unit_cost(u) for u in protocol.shard_units(units, (i, n)))
+            for i in range(1, n + 1)
+        ]  # balanced: no shard exceeds another by more than one unit
+        assert max(loads) - min(loads) <= max(protocol.unit_cost(u) for u in units)
     # A unit keeps a pre-trained encoder's runs together (pre-trained once).
     scarf = [u for u in units if u.pretrain and u.pretrain.method == "scarf"]
     assert len(scarf) == 4 and all(len(u.runs) == 6 for u in scarf)

@@ -3,9 +3,10 @@
 An experiment (label efficiency, architectures, pre-training size) is a list of
 *units*; a unit is the runs that share one pre-trained encoder (or one run of the
 baseline or of logistic regression) and is the unit of sharding: `--shard i/n` takes
-every n-th unit, so each run belongs to exactly one shard. Every finished run is one row
-of `results.csv` (or `results.shard-i-of-n.csv`), rewritten atomically after each run;
-a rerun skips the rows already there, and `merge` joins the shard files.
+its share of the units (balanced by cost), so each run belongs to exactly one shard.
+Every finished run is one row of `results.csv` (or `results.shard-i-of-n.csv`),
+rewritten atomically after each run; a rerun skips the rows already there, and `merge`
+joins the shard files.
 
 Everything the protocol fixes (grids, AUPC interval, fine-tuning settings) comes from
 `keras_ssrl.config`. Subsets are a function of (seed, p, repeat) only, so every method
@@ -129,13 +130,40 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def unit_cost(unit: Unit) -> float:
+    """A rough relative cost of a unit, to balance shards (not a time estimate).
+
+    A network run costs about its label fraction p (steps per epoch grow with p), a
+    frozen or logistic-regression run a tenth of that, a pre-training a few runs.
+    """
+    cost = 0.0
+    for run in unit.runs:
+        cheap = run.mode == "frozen" or run.method == LOGREG
+        cost += (0.1 if cheap else 1.0) * (0.05 + run.p)
+    if unit.pretrain is not None and len(unit.runs) > 1:
+        cost += 5.0 * unit.pretrain.q
+    return cost
+
+
 def shard_units(units: Sequence[Unit], shard: tuple[int, int] | None) -> list[Unit]:
-    """The units of shard i/n: every n-th unit of the name-sorted list, from the i-th."""
+    """The units of shard i/n, in name order.
+
+    Units are dealt largest first to the least loaded shard (by `unit_cost`), so
+    shards finish together; the deal depends only on the experiment, so every
+    process computes the same partition and each run belongs to exactly one shard.
+    """
     ordered = sorted(units, key=lambda u: u.name)
     if shard is None:
         return ordered
     index, count = shard
-    return ordered[index - 1 :: count]
+    loads = [0.0] * count
+    mine = []
+    for unit in sorted(ordered, key=lambda u: (-unit_cost(u), u.name)):
+        target = min(range(count), key=lambda i: (loads[i], i))
+        loads[target] += unit_cost(unit)
+        if target == index - 1:
+            mine.append(unit)
+    return sorted(mine, key=lambda u: u.name)
 
 
 def results_name(shard: tuple[int, int] | None) -> str:
