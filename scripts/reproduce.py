@@ -2,8 +2,8 @@
 
 Usage:
 
-    # Every figure on the built-in synthetic TCGA-like data, reduced grids (~40 min on
-    # 2 CPU cores):
+    # Every figure on the built-in synthetic TCGA-like data, reduced grids (about 25 min
+    # on 2 CPU cores, pre-training included):
     python scripts/reproduce.py --setting tcga --preset quick
 
     # The paper's grids on your own converted dataset (hours to days: shard it with

@@ -91,6 +91,9 @@ def architectures(gains, path: str, title: str = "") -> None:
             color=COLOURS.get(method),
             label=f"{method} width {width}",
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("encoder depth (layers)")
     ax.set_ylabel("AUPC gain over the baseline")

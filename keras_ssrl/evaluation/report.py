@@ -46,9 +46,51 @@ def _table(path: str, columns: list[str] | None = None, digits: int = 4) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     lines = [header, rule]
     for row in frame.itertuples(index=False):
-        cells = [f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in row]
+        cells = [_cell(v, digits) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value, digits: int) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.{digits}g}"  # NaN: not applicable
+    return str(value)
+
+
+def label_efficiency_findings(path: str) -> str:
+    """What this run shows, in the terms of the paper's claims (from `aupc.csv`)."""
+    import pandas as pd
+
+    if not os.path.exists(path):
+        return ""
+    gains = pd.read_csv(path, dtype={"mode": str}).dropna(subset=["gain_vs_baseline"])
+    lines = []
+    for mode in ("unfrozen", "frozen"):
+        rows = gains[(gains["mode"] == mode)]
+        if rows.empty:
+            continue
+        better = rows[rows["ci_low"] > 0]["method"].tolist()
+        worse = rows[rows["ci_high"] < 0]["method"].tolist()
+        best = rows.loc[rows["gain_vs_baseline"].idxmax()]
+        lines.append(
+            f"- {mode}: better than the baseline (95% interval above 0): "
+            f"{', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'}; "
+            f"largest gain {best['method']} ({best['gain_vs_baseline']:+.4f})."
+        )
+    pivot = gains.pivot_table(index="method", columns="mode", values="gain_vs_baseline")
+    if {"frozen", "unfrozen"} <= set(pivot.columns):
+        both = pivot[["frozen", "unfrozen"]].dropna()
+        lines.append(
+            f"- frozen below unfrozen for {int((both['frozen'] < both['unfrozen']).sum())}"
+            f" of {len(both)} pre-training methods."
+        )
+    logreg = gains[gains["method"] == "logreg"]
+    if not logreg.empty:
+        lines.append(
+            "- logistic regression on all genes: gain "
+            f"{logreg['gain_vs_baseline'].iloc[0]:+.4f} over the baseline."
+        )
+    return "Here:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def _figure(out_dir: str, relative: str, caption: str) -> str:
@@ -72,6 +114,7 @@ def write_report(out_dir: str, preset: str, setting: str) -> str:
         f"Paper: {PAPER_FINDINGS['label-efficiency']}\n",
         _figure(out_dir, "label-efficiency/label_efficiency.png", "label efficiency"),
         _table(os.path.join(out_dir, "label-efficiency", "aupc.csv"), gain_columns),
+        label_efficiency_findings(os.path.join(out_dir, "label-efficiency", "aupc.csv")),
         "## Architectures (Figure 4, top)\n",
         f"Paper: {PAPER_FINDINGS['architectures']}\n",
         _figure(out_dir, "architectures/architectures.png", "architectures"),
