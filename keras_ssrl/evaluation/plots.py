@@ -33,6 +33,15 @@ def _log_fraction_axis(ax) -> None:
     ax.set_xticks([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
 
 
+def _finish(fig, ax, path: str, title: str) -> None:
+    """Title, grid and legend, then the file (atomically); the figure is closed."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    _pyplot().close(fig)
+
+
 def _save(fig, path: str) -> None:
     from keras_ssrl.data.manifest import atomic_path
 
@@ -97,11 +106,7 @@ def architectures(gains, path: str, title: str = "") -> None:
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("encoder depth (layers)")
     ax.set_ylabel("AUPC gain over the baseline")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path, title)
 
 
 def spectrum(spectra: dict, path: str, title: str = "") -> None:
@@ -116,11 +121,7 @@ def spectrum(spectra: dict, path: str, title: str = "") -> None:
     ax.set_yscale("log")
     ax.set_xlabel("singular value rank")
     ax.set_ylabel("singular value of the embedding covariance")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path, title)
 
 
 def pretrain_size(table, path: str, title: str = "") -> None:
@@ -143,8 +144,4 @@ def pretrain_size(table, path: str, title: str = "") -> None:
     _log_fraction_axis(ax)
     ax.set_xlabel("fraction of the pre-training set (q)")
     ax.set_ylabel("test accuracy (unfrozen, p = 0.1)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path, title)
