@@ -47,6 +47,8 @@ from keras_ssrl.evaluation import protocol  # noqa: E402
 from keras_ssrl.finetuning import FinetuneError  # noqa: E402
 from keras_ssrl.training import ConfigError, RunDirError  # noqa: E402
 
+# Set in the shard processes that --jobs starts (their parent merges).
+_CHILD_ENV = "KERAS_SSRL_EVALUATE_CHILD"
 SWEEPS = ("label-efficiency", "architectures", "pretrain-size", "logreg")
 
 
@@ -277,8 +279,9 @@ def _run_jobs(args, argv: list[str], experiment, out: str) -> int:
                 str(threads),
                 "--out",
                 out,
-            ]
-        )  # fmt: skip
+            ],
+            env={**os.environ, _CHILD_ENV: "1"},
+        )
         for i in range(1, args.jobs + 1)
     ]
     codes = [child.wait() for child in children]
@@ -339,9 +342,10 @@ def main(argv=None) -> int:
         protocol.run_experiment(experiment, out, shard=shard)
         if shard is None:
             return _merge(out)
-        print(
-            f"shard {args.shard} done; run `evaluate.py merge --out {out}` when all are"
-        )
+        if not os.environ.get(_CHILD_ENV):
+            print(
+                f"shard {args.shard} done; `evaluate.py merge --out {out}` when all are"
+            )
         return 0
     except (protocol.ProtocolError, FinetuneError, DataError, ConfigError,
             RunDirError, argparse.ArgumentTypeError) as error:  # fmt: skip

@@ -272,3 +272,15 @@ def test_transfer_setting_aligns_both_datasets_on_common_genes(labelled_dir, tmp
     assert b.labels == Manifest.load(labelled_dir).labels
     again = protocol.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
     assert again == (pre, fine)
+
+
+def test_jobs_run_shards_in_parallel_and_merge(cli, labelled_dir, tmp_path, capfd):
+    out = str(tmp_path / "jobs")
+    args = ["label-efficiency", "--data", labelled_dir, "--methods", "baseline,logreg",
+            "--fractions", "0.05,0.3", *FAST, "--out", out]  # fmt: skip
+    assert cli.main([*args, "--jobs", "2"]) == 0
+    names = set(os.listdir(out))
+    assert {"results.shard-1-of-2.csv", "results.shard-2-of-2.csv"} <= names
+    assert {"results.csv", "aupc.csv", "label_efficiency.png"} <= names
+    assert len(rows(os.path.join(out, "results.csv"))) == 4
+    assert "when all are" not in capfd.readouterr().out  # the parent merged
