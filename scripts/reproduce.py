@@ -50,7 +50,23 @@ PRESETS = {
         "architectures": ["--fractions", "full"],
         "pretrain-size": ["--sizes", "full"],
     },
+    # A minutes-long check that the whole pipeline runs on your data before a long
+    # run: tiny encoders (2 x 16), two fractions, one repeat. Not a result.
+    "smoke": {
+        "label-efficiency": ["--fractions", "0.05,0.3", "--repeats", "1",
+                             "--layers", "2", "--width", "16"],
+        "architectures": ["--depths", "1,2", "--widths", "16", "--fractions",
+                          "0.05,0.3", "--repeats", "1"],
+        "pretrain-size": ["--sizes", "0.5,1", "--repeats", "1", "--layers", "2",
+                          "--width", "16"],
+    },  # fmt: skip
 }
+
+
+def _architecture(arguments: list[str]) -> str:
+    """The `LxW` encoder of an argument list (evaluate.py's defaults otherwise)."""
+    values = dict(zip(arguments[::2], arguments[1::2]))
+    return f"{values.get('--layers', 4)}x{values.get('--width', 256)}"
 
 
 def main(argv=None) -> int:
@@ -73,6 +89,10 @@ def main(argv=None) -> int:
         "cores, 2 single-threaded processes run sweeps 1.5x faster than one)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, help="override the preset's repeats")
+    p.add_argument(
+        "--max-epochs", type=int, help="override fine-tuning's 100 epochs (for a check)"
+    )
     args = p.parse_args(argv)
     name = "custom" if args.data else args.setting
     out = os.path.abspath(args.out or os.path.join("results", f"reproduce-{name}"))
@@ -87,6 +107,8 @@ def main(argv=None) -> int:
         common += ["--pretrain-epochs", str(args.pretrain_epochs)]
     if args.jobs > 1:
         common += ["--jobs", str(args.jobs)]
+    if args.max_epochs:
+        common += ["--max-epochs", str(args.max_epochs)]
     preset = PRESETS[args.preset]
     steps = [
         ["label-efficiency", "--pretrain", *preset["label-efficiency"]],
@@ -94,17 +116,20 @@ def main(argv=None) -> int:
         ["pretrain-size", *preset["pretrain-size"]],
     ]
     for step in steps:
+        if args.repeats:
+            step = [*step, "--repeats", str(args.repeats)]
         print(f"== {step[0]}", flush=True)
         code = evaluate.main([*step, *common, "--out", os.path.join(out, step[0])])
         if code:
             return code
     print("== collapse", flush=True)
     pretrained = os.path.join(out, "pretrain")
+    arch = _architecture(preset["label-efficiency"])
     runs = {
         method: os.path.join(pretrained, entry)
         for method in ("scarf", "vime", "byol")
         for entry in sorted(os.listdir(pretrained))
-        if entry.startswith(f"{method}-4x256-q1-")
+        if entry.startswith(f"{method}-{arch}-q1-")
     }
     code = evaluate.main(
         ["collapse", "--runs", ",".join(f"{k}={v}" for k, v in runs.items()),

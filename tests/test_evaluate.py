@@ -284,3 +284,29 @@ def test_jobs_run_shards_in_parallel_and_merge(cli, labelled_dir, tmp_path, capf
     assert {"results.csv", "aupc.csv", "label_efficiency.png"} <= names
     assert len(rows(os.path.join(out, "results.csv"))) == 4
     assert "when all are" not in capfd.readouterr().out  # the parent merged
+
+
+def test_reproduce_runs_every_experiment_and_writes_the_report(labelled_dir, tmp_path):
+    """The whole pipeline end to end on tiny data (the smoke preset, 1 epoch)."""
+    reproduce = load_script("scripts/reproduce.py")
+    out = str(tmp_path / "reproduce")
+    code = reproduce.main(["--data", labelled_dir, "--preset", "smoke", "--out", out,
+                           "--pretrain-epochs", "1", "--max-epochs", "1",
+                           "--jobs", "1"])  # fmt: skip
+    assert code == 0
+    for experiment, table in (("label-efficiency", "aupc.csv"),
+                              ("architectures", "architectures.csv"),
+                              ("pretrain-size", "pretrain_size.csv"),
+                              ("collapse", "collapse.csv")):  # fmt: skip
+        assert os.path.exists(os.path.join(out, experiment, table)), experiment
+    report = open(os.path.join(out, "report.md")).read()
+    assert "_missing" not in report
+    assert "Here:" in report  # the findings of this run, next to the paper's
+    # Encoders are shared between experiments: the 2 x 16 ones of label-efficiency
+    # serve pretrain-size's q = 1 and the architecture sweep's depth 2.
+    runs = os.listdir(os.path.join(out, "pretrain"))
+    assert sorted(r for r in runs if r.startswith("scarf-")) == [
+        "scarf-1x16-q1-e1-s0", "scarf-2x16-q0.5-e1-s0", "scarf-2x16-q1-e1-s0",
+    ]  # fmt: skip
+    collapse = rows(os.path.join(out, "collapse", "collapse.csv"))
+    assert [r["run"] for r in collapse] == ["scarf", "vime", "byol", "random-init"]
