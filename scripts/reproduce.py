@@ -6,6 +6,9 @@ Usage:
     # on 2 CPU cores, pre-training included):
     python scripts/reproduce.py --setting tcga --preset quick
 
+    # First, a few-minute check that the whole pipeline runs on your data:
+    python scripts/reproduce.py --data data/tcga --preset smoke --out results/smoke
+
     # The paper's grids on your own converted dataset (hours to days: shard it with
     # scripts/evaluate.py ... --shard i/n on several machines instead):
     python scripts/reproduce.py --data data/tcga --preset paper --out results/paper
