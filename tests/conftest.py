@@ -87,15 +87,20 @@ def quiet(_):
     pass
 
 
+def converted_builtin(folder, n_samples: int, n_genes: int, name="synthetic-tcga"):
+    """A small built-in dataset converted into `folder/data` (2 shards per split)."""
+    from keras_ssrl.data.builtin import builtin_source
+
+    out = str(folder / "data")
+    source = builtin_source(name, n_samples=n_samples, n_genes=n_genes)
+    convert(source, out, ConversionConfig(shards=2), log=quiet)
+    return out
+
+
 @pytest.fixture(scope="session")
 def labelled_dir(tmp_path_factory):
     """synthetic-tcga, 600 samples x 120 genes: 19 classes, ~56 fine-tuning samples."""
-    from keras_ssrl.data.builtin import builtin_source
-
-    out = str(tmp_path_factory.mktemp("labelled") / "data")
-    source = builtin_source("synthetic-tcga", n_samples=600, n_genes=120)
-    convert(source, out, ConversionConfig(shards=2), log=quiet)
-    return out
+    return converted_builtin(tmp_path_factory.mktemp("labelled"), 600, 120)
 
 
 def tiny_pretrain_config(method: str = "scarf", epochs: int = 1):

@@ -17,9 +17,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ssrl.callbacks import CheckpointStore
-from keras_ssrl.config import ConversionConfig, PretrainConfig
-from keras_ssrl.data.builtin import builtin_source
-from keras_ssrl.data.convert import convert
+from keras_ssrl.config import PretrainConfig
 from keras_ssrl.training import (
     ConfigError,
     NonFiniteLossError,
@@ -32,7 +30,7 @@ from keras_ssrl.training import (
     run_pretraining,
     steps_per_epoch,
 )
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, converted_builtin, load_script
 
 pretrain_cli = load_script("scripts/pretrain.py")
 
@@ -63,10 +61,7 @@ def fit(config, data, run_dir, **kwargs):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """synthetic-tcga, 300 samples x 200 genes: 195 pre-training, 34 validation."""
-    out = str(tmp_path_factory.mktemp("train") / "data")
-    source = builtin_source("synthetic-tcga", n_samples=300, n_genes=200)
-    convert(source, out, ConversionConfig(shards=2), log=quiet)
-    return out
+    return converted_builtin(tmp_path_factory.mktemp("train"), 300, 200)
 
 
 @pytest.fixture(scope="module")
