@@ -626,9 +626,8 @@ def finetune(
         "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": list(command) if command is not None else None,
     }
-    tmp = os.path.join(out_dir, f".classifier.tmp-{os.getpid()}.keras")
-    tuner.classifier.save(tmp)
-    os.replace(tmp, os.path.join(out_dir, CLASSIFIER_FILE))
+    with atomic_path(os.path.join(out_dir, CLASSIFIER_FILE), ".keras") as tmp:
+        tuner.classifier.save(tmp)
     _write_history(os.path.join(out_dir, HISTORY_CSV), result.history)
     metrics = {
         **result.metrics,

@@ -54,6 +54,7 @@ from keras_ssrl.data.errors import DataError
 from keras_ssrl.data.manifest import (
     SPLITS_CSV,
     Manifest,
+    atomic_path,
     genes_digest,
     join,
     open_file,
@@ -466,12 +467,13 @@ def _truncate_history(path: str, first_epoch: int) -> None:
         return
     header, body = rows[0], rows[1:]
     kept = [r for r in body if r and r[0].isdigit() and int(r[0]) < first_epoch]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(kept)
-    os.replace(tmp, path)
 
 
 def _last_history_row(path: str) -> dict:
@@ -1073,9 +1075,8 @@ def _save_encoder(encoder, config: PretrainConfig, n_genes: int, run_dir: str):
         keras.config.set_dtype_policy(previous)
     copy.set_weights(encoder.get_weights())
     path = os.path.join(run_dir, ENCODER_FILE)
-    tmp = os.path.join(run_dir, f".encoder.tmp-{os.getpid()}.keras")
-    copy.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, ".keras") as tmp:
+        copy.save(tmp)
     return copy
 
 

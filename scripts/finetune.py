@@ -94,7 +94,12 @@ def main(argv=None) -> int:
         f"finetune-{method}-{args.mode}-p{args.fraction:g}-"
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}",
     )
-    lines = (lambda line: None) if args.quiet else print
+
+    def log(line: str) -> None:
+        # --quiet drops the per-epoch lines, keeps the summary.
+        if not (args.quiet and line.startswith("epoch")):
+            print(line)
+
     try:
         finetune(
             args.data,
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
             encoder_run=args.encoder,
             config=config,
             encoder_config=EncoderConfig(layers=args.layers, width=args.width),
-            log=lambda line: (print if not line.startswith("epoch") else lines)(line),
+            log=log,
             command=sys.argv if argv is None else ["scripts/finetune.py", *argv],
         )
     except (FinetuneError, DataError) as error:

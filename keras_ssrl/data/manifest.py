@@ -61,13 +61,14 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str, suffix: str = ""):
     """Yields a temporary name next to `path`, renamed onto `path` on success.
 
     Readers (and a rerun after a crash) never see half a file: on any error the
-    temporary file is removed and `path` keeps its previous content.
+    temporary file is removed and `path` keeps its previous content. `suffix` ends the
+    temporary name, for writers that check it (Keras saves only to `.keras`).
     """
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
     try:
         yield tmp
         os.replace(tmp, path)
