@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras_ssrl.config import PretrainConfig
 from keras_ssrl.encoders import build_encoder
 from keras_ssrl.layers import MarginalCorruption
+from keras_ssrl.layers.corruption import cell_uniforms
 from keras_ssrl.losses import byol_loss, ema_decay, info_nce, vime_losses
 from keras_ssrl.methods import METHODS, Byol, Scarf, Vime, build_method
 
@@ -65,6 +66,50 @@ def test_marginal_corruption_rate_and_values():
     assert not np.array_equal(again, corrupted)  # a fresh mask at every call
     same_seed = keras.ops.convert_to_numpy(MarginalCorruption(0.3, seed=3)(x))
     np.testing.assert_array_equal(same_seed, corrupted)
+
+
+def uniforms(key, batch=512, features=2048):
+    key = keras.ops.convert_to_tensor(np.array(key, dtype="uint32"))
+    return keras.ops.convert_to_numpy(cell_uniforms(key, batch, features)).astype(float)
+
+
+def test_cell_uniforms_are_uniform_and_independent():
+    # 1M cells: a correlation's standard error is 0.001, so |r| < 0.005 is 5 sigma.
+    u = uniforms([12345, 678])
+    assert u.min() >= 0.0 and u.max() < 1.0
+    counts = np.histogram(u, bins=64, range=(0, 1))[0]
+    expected = u.size / 64
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 63 + 6 * math.sqrt(2 * 63)  # 63 degrees of freedom, ~6 sigma
+    centred = u - 0.5
+    for a, b in [
+        (centred[:, 1:], centred[:, :-1]),  # neighbouring features
+        (centred[1:], centred[:-1]),  # neighbouring examples
+        (centred, uniforms([12345, 679]) - 0.5),  # keys one bit apart
+        (centred, uniforms([12344, 678]) - 0.5),
+    ]:
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.005
+    # A Bernoulli(0.3) mask: per-feature counts spread as a binomial would.
+    per_feature = (u < 0.3).sum(axis=0)
+    assert abs(per_feature.mean() / 512 - 0.3) < 0.003
+    assert 0.8 < per_feature.var() / (512 * 0.3 * 0.7) < 1.2
+
+
+def test_corruption_donor_rows_are_uniform():
+    # Row i holds the value i in every feature, so a corrupted cell names its donor.
+    batch, features = 64, 4096
+    x = np.repeat(np.arange(batch, dtype="float32")[:, None], features, axis=1)
+    corrupted, mask = (
+        keras.ops.convert_to_numpy(t)
+        for t in MarginalCorruption(0.3, seed=5, return_mask=True)(x)
+    )
+    donors = corrupted[mask == 1].astype(int)
+    counts = np.bincount(donors, minlength=batch)
+    expected = donors.size / batch
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 63 + 6 * math.sqrt(2 * 63)
+    # Donors are drawn per cell: the cells of one example come from many examples.
+    assert min(len(set(row[m == 1])) for row, m in zip(corrupted, mask)) > 0.9 * batch
 
 
 def test_vime_mask_rate_and_loss_components(x):
