@@ -95,6 +95,11 @@ def test_cell_uniforms_are_uniform_and_independent():
     assert 0.8 < per_feature.var() / (512 * 0.3 * 0.7) < 1.2
 
 
+def test_cell_uniforms_refuse_batches_whose_counters_would_wrap():
+    with pytest.raises(ValueError, match="2\\*\\*32 cells"):
+        uniforms([1, 2], batch=2**16 + 1, features=2**16)
+
+
 def test_corruption_donor_rows_are_uniform():
     # Row i holds the value i in every feature, so a corrupted cell names its donor.
     batch, features = 64, 4096
