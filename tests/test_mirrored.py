@@ -1,4 +1,5 @@
-"""Data parallelism: SCARF's loss under MirroredStrategy equals the one-device loss.
+"""Data parallelism: SCARF's loss and the corruption masks under MirroredStrategy equal
+the one-device ones.
 
 The CPU is split into two logical devices in a fresh process (device configuration must
 precede TensorFlow's initialisation, which the rest of the suite has already done).
@@ -32,8 +33,9 @@ SCRIPT = textwrap.dedent(
     def make():
         keras.utils.set_random_seed(1)
         encoder = build_encoder(20, layers=2, width=12, synchronized_batchnorm=True)
-        # Corruption off: each replica would draw its own random numbers; what is
-        # compared here is the loss over the global batch (negatives gathered).
+        # Corruption off: each replica draws donors from its own rows, so corrupted
+        # views differ from one device's; what is compared here is the loss over the
+        # global batch (negatives gathered). The masks are compared below.
         return Scarf(encoder, corruption_rate=0.0, temperature=0.5,
                      projector_hidden=12, projector_dim=6)
 
@@ -58,6 +60,22 @@ SCRIPT = textwrap.dedent(
     local = [float(v) for v in strategy.experimental_local_results(per_replica)]
     print("single", expected, "mirrored", mirrored, "replicas", local)
     assert abs(mirrored - expected) < 1e-5 * max(1.0, abs(expected)), (mirrored, expected)
+
+    # Corruption: replicas share the layer's seed state, yet each draws the numbers of
+    # its own rows of the global batch, so the masks are those of one device.
+    from keras_ssrl.layers import MarginalCorruption
+
+    wide = np.random.default_rng(1).normal(size=(16, 300)).astype("float32")
+    one_device = MarginalCorruption(0.3, seed=4, return_mask=True)(wide)[1].numpy()
+    with strategy.scope():
+        layer = MarginalCorruption(0.3, seed=4, return_mask=True)
+    wide_halves = strategy.experimental_distribute_values_from_function(
+        lambda ctx: wide[ctx.replica_id_in_sync_group * 8:][:8]
+    )
+    masks = strategy.run(tf.function(lambda v: layer(v)[1]), args=(wide_halves,))
+    masks = np.concatenate([m.numpy() for m in strategy.experimental_local_results(masks)])
+    assert not np.array_equal(masks[:8], masks[8:])
+    np.testing.assert_array_equal(masks, one_device)
     print("OK")
     """
 )

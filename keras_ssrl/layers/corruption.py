@@ -20,12 +20,14 @@ def _fmix32(h):
     return ops.bitwise_xor(h, ops.right_shift(h, _FMIX_SHIFTS[2]))
 
 
-def cell_uniforms(key, batch, features):
+def cell_uniforms(key, batch, features, row_offset=0):
     """Uniform numbers on [0, 1) for every cell of a `(batch, features)` tensor.
 
-    A counter-based generator: cell `(i, j)` gets a keyed hash of its index `i *
-    features + j`, two rounds of MurmurHash3's finaliser with the two 32-bit words of
-    `key` (drawn from `keras.random` once per call) mixed in between. This is Philox's
+    A counter-based generator: cell `(i, j)` gets a keyed hash of its index `(i +
+    row_offset) * features + j` (`row_offset`: where these rows start in the global
+    batch, so data-parallel replicas draw different numbers), two rounds of
+    MurmurHash3's finaliser with the two 32-bit words of `key` (drawn from
+    `keras.random` once per call) mixed in between. This is Philox's
     design (a keyed bijection of a counter) with a cheaper round function: in XLA it
     fuses into the corruption itself and costs a few integer operations per cell, where
     TensorFlow's Philox kernel took ~0.15 s for the 14.6M cells of a 256 x 57k batch,
@@ -40,17 +42,17 @@ def cell_uniforms(key, batch, features):
                 f"a batch of {batch} x {features} has more than 2**32 cells; "
                 "use a smaller batch for corruption"
             )
-    rows = ops.cast(ops.arange(batch), "uint32")[:, None]
+    rows = ops.cast(ops.arange(batch) + row_offset, "uint32")[:, None]
     cols = ops.cast(ops.arange(features), "uint32")[None, :]
     counter = rows * ops.cast(features, "uint32") + cols
     bits = _fmix32(_fmix32(ops.bitwise_xor(counter, key[0])) + key[1])
     return ops.cast(ops.right_shift(bits, 8), "float32") * (2.0**-24)
 
 
-def _replace_cells(x, key, rate: float):
+def _replace_cells(x, key, rate: float, row_offset=0):
     """Replaces the cells with `u < rate` by the same feature of a random row."""
     batch, features = ops.shape(x)[0], ops.shape(x)[1]
-    u = cell_uniforms(key, batch, features)
+    u = cell_uniforms(key, batch, features, row_offset)
     mask = u < rate
     n_rows = ops.cast(batch, "float32")
     # Given u < rate, u / rate is uniform on [0, 1) and picks the donor row. Clip in
@@ -77,13 +79,18 @@ def _replace(x, key, rate: float):
     global _xla_replace_cells
     if keras.backend.backend() != "tensorflow":
         return _replace_cells(x, key, rate)
-    if _xla_replace_cells is None:
-        import tensorflow as tf
+    import tensorflow as tf
 
+    from keras_ssrl.distribute import replica_row_offset
+
+    if _xla_replace_cells is None:
         _xla_replace_cells = tf.function(
             _replace_cells, jit_compile=True, reduce_retracing=True
         )
-    return _xla_replace_cells(x, key, rate)
+    # Replicas of a `tf.distribute` strategy share the layer's seed state: without
+    # their row offset, example i of every replica would get the same mask.
+    offset = tf.cast(replica_row_offset(x), "int32")
+    return _xla_replace_cells(x, key, rate, offset)
 
 
 @keras.saving.register_keras_serializable(package="keras_ssrl")

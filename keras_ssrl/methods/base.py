@@ -7,6 +7,8 @@ import copy
 import keras
 import tensorflow as tf
 
+from keras_ssrl.distribute import replica_row_offset
+
 
 def features(data):
     """The inputs of a batch: `x`, `(x,)`, or `(x, y)` whose labels are ignored."""
@@ -24,9 +26,7 @@ def global_batch(tensor):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return tensor, 0
-    gathered = context.all_gather(tensor, axis=0)
-    offset = context.replica_id_in_sync_group * tf.shape(tensor)[0]
-    return gathered, offset
+    return context.all_gather(tensor, axis=0), replica_row_offset(tensor)
 
 
 @keras.saving.register_keras_serializable(package="keras_ssrl")
