@@ -28,6 +28,29 @@ def load_script(relative: str):
     return module
 
 
+def tree_digest(path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of `path` itself), keyed by relative name.
+
+    Hardening tests take it before and after a refused command to show that nothing
+    outside the folders the command names was touched.
+    """
+    import hashlib
+
+    path = str(path)
+    if os.path.isfile(path):
+        with open(path, "rb") as handle:
+            return {".": hashlib.sha256(handle.read()).hexdigest()}
+    digest = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as handle:
+                digest[os.path.relpath(full, path)] = hashlib.sha256(
+                    handle.read()
+                ).hexdigest()
+    return digest
+
+
 def small_matrix(n_samples=120, n_genes=24, n_classes=3, seed=0):
     """Counts with a class signal, a constant gene and versioned Ensembl ids."""
     rng = np.random.default_rng(seed)

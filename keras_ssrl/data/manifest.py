@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,48 @@ def join(directory: str, name: str) -> str:
     if _is_remote(directory):
         return posixpath.join(str(directory), name)
     return os.path.join(directory, name)
+
+
+def shard_path(directory: str, entry) -> str:
+    """The path of a shard named by a manifest entry, refusing anything outside the folder.
+
+    A manifest is input like any other: a shard `file` of `../../x.tfrecord` or
+    `/home/me/x.tfrecord` would make the reader train on, the integrity check vouch for,
+    and alignment write over someone else's file. Every place that turns a manifest
+    entry into a path goes through here. Accepted: a plain file name (no separator, not
+    `.`/`..`, not absolute) that, after resolving links, is still inside `directory`.
+
+    Args:
+        directory: str, the dataset folder (local, or a `gs://` / `s3://` URL).
+        entry: the shard's `file` value from `manifest.json`.
+
+    Returns:
+        The joined path.
+
+    Raises:
+        DataError: naming the entry; the manifest must be repaired or re-created.
+    """
+    problem = None
+    if not isinstance(entry, str) or not entry:
+        problem = "is not a file name"
+    elif "/" in entry or "\\" in entry or "\x00" in entry:
+        problem = "contains a path separator"
+    elif entry in (".", ".."):
+        problem = "points outside the dataset folder"
+    elif os.path.isabs(entry) or re.match(r"^[A-Za-z]:", entry) or "://" in entry:
+        problem = "is an absolute path"
+    if problem is None and not _is_remote(directory):
+        folder = os.path.realpath(directory)
+        resolved = os.path.realpath(os.path.join(directory, entry))
+        if os.path.dirname(resolved) != folder:
+            problem = f"resolves (through a link) to {resolved}, outside the folder"
+    if problem is not None:
+        raise DataError(
+            f"{join(str(directory), MANIFEST)}: shard entry {entry!r} {problem}; a "
+            "manifest may only name files inside its own dataset folder. Re-run the "
+            "conversion (or restore the manifest) instead of editing shard names."
+        )
+    return join(str(directory), entry)
 
 
 def open_file(path: str, mode: str = "rb"):
@@ -134,7 +177,13 @@ class Manifest:
                 f"{path}: schema version {version} is not supported by this keras_ssrl "
                 f"(expects {schema.SCHEMA_VERSION}); re-run the conversion"
             )
-        return cls(directory, data)
+        manifest = cls(directory, data)
+        # Refuse a manifest that names files outside its folder before anyone reads,
+        # checks or (in alignment) writes them.
+        for split in data.get("splits", {}).values():
+            for shard in split.get("shards", []):
+                shard_path(directory, shard.get("file"))
+        return manifest
 
     @property
     def n_genes(self) -> int:
@@ -177,7 +226,7 @@ class Manifest:
         return int(self.split(split)["num_records"])
 
     def shard_paths(self, split: str) -> list[str]:
-        return [join(self.directory, s["file"]) for s in self.split(split)["shards"]]
+        return [shard_path(self.directory, s["file"]) for s in self.split(split)["shards"]]
 
     def digest(self) -> str:
         """sha256 of the manifest content: identifies the dataset a model saw."""
