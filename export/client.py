@@ -22,7 +22,12 @@ that names them, extra genes are ignored and counted. The CSV holds sample_id (a
 with --label-column), class_name, class_id and one probability column p_<class> per
 class for a classifier, embedding_<i> columns for an encoder (or with --embedding).
 
-Exit status: 0 done; 2 bad arguments or input; 3 the server refused or failed.
+Sample ids must be unique (duplicates are refused, naming them). --out is written
+atomically and only ever replaces an earlier predictions CSV of this client: never an
+input (the table, a file of the records or model folder) or another existing file.
+
+Exit status: 0 done; 1 a damaged --records folder (a shard differs from its manifest);
+2 bad arguments or input; 3 the server refused or failed.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import argparse  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.data.genes import DUPLICATE_POLICIES  # noqa: E402
 from keras_ssrl.data.schema import SPLITS, TEST  # noqa: E402
 from keras_ssrl.serving.client import (  # noqa: E402
@@ -49,6 +54,7 @@ from keras_ssrl.serving.client import (  # noqa: E402
     ModelInfo,
     RestModel,
     ServingError,
+    check_output,
     read_record_samples,
     read_table_samples,
     run_client,
@@ -58,7 +64,7 @@ from keras_ssrl.serving.client import (  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -30 export/client.py) for examples.",
+        epilog="See the module docstring (head -31 export/client.py) for examples.",
     )
     src = p.add_argument_group("samples")
     what = src.add_mutually_exclusive_group(required=True)
@@ -124,6 +130,7 @@ def main(argv=None) -> int:
     ):
         local = os.path.join(local, str(args.version))  # MODEL_BASE/<version>
     try:
+        check_output(args.out, [args.input, args.records, args.model_dir, local])
         info = ModelInfo.load(args.model_dir or local)
         if args.records:
             samples = read_record_samples(args.records, args.split, info)
@@ -150,8 +157,7 @@ def main(argv=None) -> int:
             embedding=args.embedding,
         )  # fmt: skip
     except (DataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)  # 1 for a damaged dataset, else 2
     except ServingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

@@ -15,7 +15,14 @@ that is renamed only after the SavedModel was loaded back and compared with the 
 model. The served graph takes raw expression values in the model's gene order and
 applies the dataset's transform and standardisation itself (export/README.md).
 
-Exit status: 0 done; 2 bad arguments, run folder, dataset or model (nothing written).
+One export at a time per MODEL_BASE: the export locks it (MODEL_BASE/.keras_ssrl.lock)
+once the run and its model have been checked, and a second export into the same base
+is refused, naming the process that holds it. Temporaries `.tmp-<N>-<pid>` left in
+MODEL_BASE by a killed export are removed by the next one. Existing versions are never
+replaced.
+
+Exit status: 0 done; 2 bad arguments, run folder, dataset or model, or MODEL_BASE in
+use by another export (nothing written).
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ import argparse  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
+from keras_ssrl.files import LockedError  # noqa: E402
 from keras_ssrl.serving.export import ExportError, export_run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -25 export/export_model.py) for examples.",
+        epilog="See the module docstring (head -26 export/export_model.py) for examples.",
     )
     p.add_argument(
         "--run",
@@ -75,9 +83,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         export_run(args.run, args.out, version=args.version, data_dir=args.data)
-    except (ExportError, DataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ExportError, DataError, LockedError, OSError) as error:
+        return report_error(error)
     return 0
 
 

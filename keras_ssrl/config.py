@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 TCGA_FINETUNE_FRACTION = 1029 / 9349
 # ARCHS4: 50,997 / 1142 / 1142 (1142 / 53,281 = 0.0214); a preset for ARCHS4-like data.
 ARCHS4_FINETUNE_FRACTION = 1142 / 53281
+# BYOL's target decay schedules (`keras_ssrl.losses.ema_decay`).
+EMA_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass

@@ -23,6 +23,10 @@ Run folder written by `finetune` (`scripts/finetune.py`):
 - `config.json`: kind, method, mode, labels (in logit order), data, encoder run, settings.
 - `history.csv` (epoch, loss, val_loss), `metrics.json` (test accuracy, balanced
   accuracy, macro-F1, confusion matrix, epochs, best epoch, seconds).
+
+`finetune` checks every setting, the encoder run, the dataset (at least 2 classes,
+`check_labelled_splits`) and the output folder before it trains; nothing is written
+before then. It holds an exclusive lock on the output folder while it trains and writes.
 """
 
 from __future__ import annotations
@@ -30,16 +34,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import math
 import os
 import time
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
 
 from keras_ssrl import __version__
-from keras_ssrl.config import EncoderConfig, FinetuneConfig, to_dict
+from keras_ssrl.config import EncoderConfig, FinetuneConfig, PretrainConfig, to_dict
 from keras_ssrl.data import schema
-from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.convert import MIN_TEST_PER_CLASS, MIN_TEST_SAMPLES
+from keras_ssrl.data.errors import DataError, preview
 from keras_ssrl.data.manifest import (
     Manifest,
     atomic_path,
@@ -47,12 +54,24 @@ from keras_ssrl.data.manifest import (
     write_json_atomic,
 )
 from keras_ssrl.data.splits import allocate
+from keras_ssrl.files import remove_stale_temporaries
+from keras_ssrl.training import (
+    ConfigError,
+    check_output_folder,
+    check_outside,
+    locked_folder,
+    naming_damaged_shards,
+    stale_temporaries_pattern,
+    validate_config,
+)
 
 CLASSIFIER_FILE = "classifier.keras"
 CONFIG_JSON = "config.json"
 METRICS_JSON = "metrics.json"
 HISTORY_CSV = "history.csv"
 MODES = ("frozen", "unfrozen")
+# The splits fine-tuning reads, in `FinetuneData`'s order.
+FINETUNE_SPLITS = (schema.FINETUNE, schema.FINETUNE_VAL, schema.TEST)
 BASELINE = "baseline"
 # Rows per graph call when embedding or scoring a whole split.
 _CHUNK = 2048
@@ -60,6 +79,96 @@ _CHUNK = 2048
 
 class FinetuneError(ValueError):
     """An invalid fine-tuning request (settings, encoder run or output folder)."""
+
+
+def validate_finetune_config(config: FinetuneConfig) -> None:
+    """Checks every fine-tuning setting; raises `FinetuneError` naming it.
+
+    Called before any data is read or anything written. NaN fails every comparison
+    below, so it is refused like any other value out of range.
+    """
+    if config.mode not in MODES:
+        raise FinetuneError(
+            f"mode must be one of {', '.join(MODES)}, got {config.mode!r}"
+        )
+    if not 0.0 < config.fraction <= 1.0:
+        raise FinetuneError(f"fraction must be in (0, 1], got {config.fraction}")
+    for name in ("repeat", "seed"):
+        if not getattr(config, name) >= 0:
+            raise FinetuneError(f"{name} must be >= 0, got {getattr(config, name)}")
+    for name in ("batch_size", "max_epochs", "patience"):
+        if not getattr(config, name) >= 1:
+            raise FinetuneError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not 0 < config.learning_rate < math.inf:
+        raise FinetuneError(
+            f"learning_rate must be a finite number > 0, got {config.learning_rate}"
+        )
+
+
+def _label_counts(manifest: Manifest, split: str) -> dict[str, int] | None:
+    """Samples per class of a split, as the converter recorded them (None: unknown)."""
+    counts = manifest.split(split).get("label_counts")
+    return None if counts is None else {k: int(v) for k, v in counts.items()}
+
+
+def check_labelled_splits(manifest: Manifest, log=None) -> list[str]:
+    """Refuses a dataset fine-tuning cannot learn from; warns when its test is tiny.
+
+    Reads only the manifest, so it runs before any data is read. With one class an
+    accuracy of 1.0 says nothing about the model; with a test split of fewer than
+    `MIN_TEST_SAMPLES` samples, or fewer than `MIN_TEST_PER_CLASS` of a class, one
+    sample moves the accuracy (or a class's recall) by several points.
+
+    Args:
+        manifest: the dataset's `Manifest`.
+        log: optional callable receiving each warning (prefixed `warning: `).
+
+    Returns:
+        The warnings (empty when the test split is large enough).
+
+    Raises:
+        FinetuneError: the dataset, or its fine-tuning split, has fewer than 2
+            classes (the message names the dataset and the class count).
+    """
+    where, labels = manifest.directory, manifest.labels
+    if len(labels) < 2:
+        raise FinetuneError(
+            f"{where}: the dataset has {len(labels)} class"
+            f"{'' if len(labels) == 1 else 'es'} ({', '.join(labels) or 'no labels'}); "
+            "fine-tuning and evaluation need at least 2 classes to measure anything. "
+            "Convert a dataset with a label column (or label file) of 2 or more classes."
+        )
+    trained = _label_counts(manifest, schema.FINETUNE)
+    present = labels if trained is None else [c for c in labels if trained.get(c, 0)]
+    if len(present) < 2:
+        raise FinetuneError(
+            f"{where}: the fine-tuning split has {len(present)} class"
+            f"{'' if len(present) == 1 else 'es'} ({', '.join(present) or 'none'}); "
+            "fine-tuning needs at least 2. Re-convert with a larger --finetune-size "
+            "(tfrecords_tools/convert.py)."
+        )
+    size = manifest.num_records(schema.TEST)
+    tested = _label_counts(manifest, schema.TEST)
+    few = (
+        []
+        if tested is None
+        else [c for c in present if tested.get(c, 0) < MIN_TEST_PER_CLASS]
+    )
+    if size >= MIN_TEST_SAMPLES and not few:
+        return []
+    detail = f"{size} samples" + (
+        f"; {len(few)} of {len(present)} classes have fewer than {MIN_TEST_PER_CLASS}, "
+        f"e.g. {preview([f'{c} ({tested.get(c, 0)})' for c in few], 2)}"
+        if few
+        else ""
+    )
+    warnings = [
+        f"{where}: the test split is too small to measure much ({detail}); re-convert "
+        "with a larger --test-size (or --finetune-size) of tfrecords_tools/convert.py"
+    ]
+    for warning in warnings if log is not None else ():
+        log(f"warning: {warning}")
+    return warnings
 
 
 # ----------------------------------------------------------------------------- data
@@ -121,20 +230,18 @@ def load_finetune_data(data_dir: str) -> FinetuneData:
 
     Values are standardised with the manifest statistics (fitted on the pre-training
     split only). Cached per folder: a sweep reads each dataset once.
+
+    Raises:
+        FinetuneError: fewer than 2 classes (`check_labelled_splits`).
+        DataError: unreadable or unlabelled splits; `DamagedDataError` names a shard
+            whose records cannot be read.
     """
     manifest = Manifest.load(data_dir)
-    if not manifest.labels:
-        raise DataError(
-            f"{data_dir}: the dataset has no labels; convert it with a label column or "
-            "label file to fine-tune"
+    check_labelled_splits(manifest)
+    with naming_damaged_shards(data_dir, FINETUNE_SPLITS):
+        return FinetuneData(
+            data_dir, manifest, *(_read_split(data_dir, s) for s in FINETUNE_SPLITS)
         )
-    return FinetuneData(
-        data_dir,
-        manifest,
-        _read_split(data_dir, schema.FINETUNE),
-        _read_split(data_dir, schema.FINETUNE_VAL),
-        _read_split(data_dir, schema.TEST),
-    )
 
 
 def subset_seed(seed: int, fraction: float, repeat: int) -> int:
@@ -206,17 +313,41 @@ def build_classifier(encoder, n_classes: int, name: str = "classifier"):
     return keras.Model(inputs, head(encoder(inputs)), name=name)
 
 
-def encoder_config_of(run_dir: str) -> EncoderConfig:
-    """The encoder architecture recorded by a pre-training run."""
-    from keras_ssrl.training import load_run_config
+def pretraining_record(run_dir: str) -> dict:
+    """The `config.json` of a pre-training run, refusing anything else.
 
-    record = load_run_config(run_dir)
+    Raises:
+        FinetuneError: no such folder, no or an unreadable `config.json`, or the record
+            of something else (a fine-tuning run, a dataset).
+    """
+    from keras_ssrl.training import RunDirError, load_run_config
+
+    hint = "pass the RUN_DIR given to scripts/pretrain.py --out"
+    try:
+        record = load_run_config(run_dir)
+    except RunDirError as error:
+        raise FinetuneError(f"{error}; {hint}") from None
     if record is None:
         raise FinetuneError(
-            f"{run_dir}: not a pre-training run folder (no config.json); pass the RUN_DIR "
-            "given to scripts/pretrain.py --out"
+            f"{run_dir}: not a pre-training run folder (no config.json); {hint}"
         )
-    values = record["config"]["encoder"]
+    encoder = (record.get("config") or {}).get("encoder")
+    if (
+        record.get("kind") not in (None, "pretrain")
+        or not isinstance(record.get("method"), str)
+        or not isinstance(encoder, dict)
+        or not {"layers", "width", "dropout"} <= set(encoder)
+    ):
+        raise FinetuneError(
+            f"{run_dir}: not a pre-training run folder (its config.json records "
+            f"{record.get('kind') or 'no encoder'}); {hint}"
+        )
+    return record
+
+
+def encoder_config_of(run_dir: str) -> EncoderConfig:
+    """The encoder architecture recorded by a pre-training run."""
+    values = pretraining_record(run_dir)["config"]["encoder"]
     return EncoderConfig(**{k: values[k] for k in ("layers", "width", "dropout")})
 
 
@@ -240,7 +371,17 @@ def load_encoder_weights(run_dir: str, manifest: Manifest) -> list[np.ndarray]:
             f"{manifest.directory} ({record['data'].get('n_genes')} vs "
             f"{manifest.n_genes} genes); align the datasets with tfrecords_tools/align.py"
         )
-    encoder = keras.saving.load_model(path, compile=False)
+    try:
+        # Keras reports a file that is not a zip archive as "File not found".
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a .keras archive")
+        encoder = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - whatever is wrong, the file is bad
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FinetuneError(
+            f"{path}: cannot load the encoder ({reason[:200]}); the file is damaged: "
+            "re-copy the run folder or re-run the pre-training"
+        ) from None
     if encoder.input_shape[-1] != manifest.n_genes:
         raise FinetuneError(
             f"{path}: the encoder takes {encoder.input_shape[-1]} genes, the dataset "
@@ -295,13 +436,7 @@ class Finetuner:
 
         if mode not in MODES:
             raise FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
-        for name in ("batch_size", "max_epochs", "patience"):
-            if getattr(config, name) < 1:
-                raise FinetuneError(f"{name} must be >= 1, got {getattr(config, name)}")
-        if not config.learning_rate > 0:
-            raise FinetuneError(
-                f"learning_rate must be > 0, got {config.learning_rate}"
-            )
+        validate_finetune_config(config)
         self.n_genes, self.n_classes = n_genes, n_classes
         self.encoder_config, self.mode, self.config = encoder_config, mode, config
         previous = keras.config.dtype_policy()
@@ -554,7 +689,9 @@ def finetune(
     Args:
         data_dir: a converted, labelled dataset, or None: the pre-training run's
             dataset when `encoder_run` is given, else the built-in `synthetic-tcga`.
-        out_dir: the output folder (must not hold a run already).
+        out_dir: the output folder: missing, empty, or left by a failed attempt
+            (holding only fine-tuning's own files); never a finished run or a folder
+            of other files. Locked while the run trains and writes.
         encoder_run: a pre-training RUN_DIR, or None for the non-pre-trained baseline.
         config: a `FinetuneConfig`; `mode` must be `unfrozen` for the baseline.
         encoder_config: the baseline's architecture (default: protocol's 4 x 256);
@@ -564,46 +701,104 @@ def finetune(
 
     Returns:
         The test metrics written to `metrics.json`.
+
+    Raises:
+        FinetuneError: a setting, the encoder run (missing, unloadable, another gene
+            list), fewer than 2 classes, or the output folder (a run, foreign files,
+            in use by another process: its PID is named).
+        DataError: unreadable data; `DamagedDataError` names a damaged shard.
+        FloatingPointError: the loss became NaN or inf.
     """
-    import keras
-
-    from keras_ssrl.training import load_run_config
-
     config = config or FinetuneConfig()
-    if os.path.exists(os.path.join(out_dir, CONFIG_JSON)):
-        raise FinetuneError(
-            f"{out_dir} already holds a fine-tuning run; choose another"
-        )
+    validate_finetune_config(config)
     if encoder_run is None and config.mode == "frozen":
         raise FinetuneError(
             "the baseline is trained end to end; --mode frozen needs --encoder RUN_DIR"
         )
+    if encoder_run is None and encoder_config is not None:
+        try:
+            validate_config(PretrainConfig(encoder=encoder_config))
+        except (
+            ConfigError
+        ) as error:  # only the baseline's encoder differs from defaults
+            raise FinetuneError(f"baseline {error}") from None
+    out_dir = os.path.abspath(out_dir)
+    _check_out_dir(out_dir)
+    record = pretraining_record(encoder_run) if encoder_run is not None else None
     if data_dir is None:
-        if encoder_run is not None:
-            data_dir = (load_run_config(encoder_run) or {}).get("data", {}).get("dir")
+        data_dir = (record or {}).get("data", {}).get("dir")
         if data_dir is None:
             from keras_ssrl.data.builtin import ensure_builtin
             from keras_ssrl.training import DEFAULT_BUILTIN
 
             data_dir = ensure_builtin(DEFAULT_BUILTIN, log=log)
-    data = load_finetune_data(os.path.abspath(data_dir))
+    data_dir = os.path.abspath(data_dir)
+    check_outside(out_dir, data_dir, "fine-tuning folder", FinetuneError)
+    check_labelled_splits(Manifest.load(data_dir), log)
+    data = load_finetune_data(data_dir)
     weights, method = None, BASELINE
     if encoder_run is not None:
         encoder_config = encoder_config_of(encoder_run)
         weights = load_encoder_weights(encoder_run, data.manifest)
-        method = load_run_config(encoder_run)["method"]
+        method = record["method"]
     encoder_config = encoder_config or EncoderConfig()
     seed = subset_seed(config.seed, config.fraction, config.repeat)
     subset = stratified_subset(data.train.y, config.fraction, seed)
-    log(
-        f"fine-tuning {method} ({config.mode}) on {len(subset)} of "
-        f"{len(data.train.y)} training samples, {len(data.classes)} classes"
-    )
     tuner = Finetuner(
         data.n_genes, len(data.classes), encoder_config, config.mode, config
     )
-    result = tuner.run(data, subset, seed, weights, log=log)
-    os.makedirs(out_dir, exist_ok=True)
+    if weights is not None and [w.shape for w in weights] != [
+        tuple(v.shape) for v in tuner.encoder.weights
+    ]:
+        raise FinetuneError(
+            f"{os.path.join(encoder_run, 'encoder.keras')}: its weights do not match "
+            f"the architecture its config.json records ({encoder_config})"
+        )
+    with locked_folder(out_dir, "fine-tuning folder", FinetuneError):
+        _check_out_dir(out_dir)  # again: another process may have finished meanwhile
+        remove_stale_temporaries(
+            out_dir, stale_temporaries_pattern(FINETUNE_FILES), log
+        )
+        log(
+            f"fine-tuning {method} ({config.mode}) on {len(subset)} of "
+            f"{len(data.train.y)} training samples, {len(data.classes)} classes"
+        )
+        result = tuner.run(data, subset, seed, weights, log=log)
+        metrics = _write_run(
+            out_dir, tuner, result, data, config, encoder_config, method, encoder_run,
+            seed, command,
+        )  # fmt: skip
+    log(
+        f"test accuracy {metrics['accuracy']:.4f}, balanced accuracy "
+        f"{metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"(best epoch {result.best_epoch} of {result.epochs}); wrote {out_dir}"
+    )
+    return metrics
+
+
+# The files of a fine-tuning folder (`atomic_path` writes each; its temporaries are ours).
+FINETUNE_FILES = (CLASSIFIER_FILE, CONFIG_JSON, METRICS_JSON, HISTORY_CSV)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Refuses an output folder holding a run, or files fine-tuning did not write."""
+    if os.path.exists(os.path.join(out_dir, CONFIG_JSON)):
+        raise FinetuneError(
+            f"{out_dir} already holds a fine-tuning run; choose another"
+        )
+    # A folder left by a failed attempt holds only fine-tuning's own files.
+    check_output_folder(
+        out_dir, FINETUNE_FILES, "fine-tuning run", FinetuneError, own_files=True
+    )
+
+
+def _write_run(
+    out_dir, tuner, result, data, config, encoder_config, method, encoder_run, seed,
+    command,
+) -> dict:  # fmt: skip
+    """Writes the classifier, history, metrics and (last) `config.json`."""
+    import keras
+
     record = {
         "kind": "finetune",
         "method": method,
@@ -639,11 +834,6 @@ def finetune(
     write_json_atomic(os.path.join(out_dir, METRICS_JSON), metrics)
     # config.json last: its presence marks a complete run folder.
     write_json_atomic(os.path.join(out_dir, CONFIG_JSON), record)
-    log(
-        f"test accuracy {metrics['accuracy']:.4f}, balanced accuracy "
-        f"{metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-        f"(best epoch {result.best_epoch} of {result.epochs}); wrote {out_dir}"
-    )
     return metrics
 
 

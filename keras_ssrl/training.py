@@ -21,7 +21,14 @@ epoch (epoch `e` is shuffled with a seed derived from `(seed, e)`), so a resumed
 re-creates the input of its current epoch and skips the batches already done: it ends
 at the same step as an uninterrupted run, with the same batches, corruption and weights.
 A SIGTERM writes a checkpoint at the end of the current step and stops
-(`TrainingInterrupted`); `scripts/pretrain.py --resume` continues.
+(`TrainingInterrupted`); `scripts/pretrain.py --resume` continues. A SIGTERM that
+arrives once training has finished (while the encoder and summary are written) lets the
+run complete.
+
+One process per run folder: the driver validates every setting, the data and the
+folder first (a refused run leaves nothing behind), then holds an exclusive lock on
+RUN_DIR (`keras_ssrl.files.FolderLock`) for the whole run; a second process is refused,
+naming the holder's PID.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import dataclasses
 import datetime
 import json
 import math
+import numbers
 import os
+import re
 import signal
 import threading
 import time
@@ -42,6 +51,7 @@ import numpy as np
 
 from keras_ssrl import __version__
 from keras_ssrl.config import (
+    EMA_SCHEDULES,
     ByolConfig,
     EncoderConfig,
     PretrainConfig,
@@ -50,7 +60,7 @@ from keras_ssrl.config import (
     to_dict,
 )
 from keras_ssrl.data import schema
-from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.errors import DamagedDataError, DataError, preview
 from keras_ssrl.data.manifest import (
     SPLITS_CSV,
     Manifest,
@@ -59,6 +69,12 @@ from keras_ssrl.data.manifest import (
     join,
     open_file,
     write_json_atomic,
+)
+from keras_ssrl.files import (
+    LOCK_FILE,
+    FolderLock,
+    LockedError,
+    remove_stale_temporaries,
 )
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -89,7 +105,15 @@ PROJECTOR_DIR = "embeddings"
 
 
 class ConfigError(ValueError):
-    """A setting of the run is invalid; the message names it."""
+    """A setting of the run is invalid; the message names it.
+
+    `field` is the setting's config path (`scarf.corruption_rate`) when there is one,
+    so that a command line can name its own flag.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class RunDirError(ValueError):
@@ -177,27 +201,105 @@ def _typed(value, default, name: str):
     return value
 
 
-def validate_config(config: PretrainConfig) -> None:
-    """Checks the values the driver depends on; raises `ConfigError` naming the field."""
+def _at_least_one(value) -> bool:
+    return value >= 1
+
+
+def _rate(value) -> bool:
+    return 0 <= value <= 1
+
+
+def _positive(value) -> bool:
+    return 0 < value < math.inf
+
+
+# The accepted range of every numeric setting: (config path, test, what the message
+# says). NaN fails every comparison, so the tests refuse it too. Corruption and mask
+# rates take what `MarginalCorruption` takes: 0 (no corruption) to 1 (every cell).
+_RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("epochs", _at_least_one, "at least 1"),
+    ("batch_size", _at_least_one, "at least 1"),
+    ("learning_rate", _positive, "a finite number > 0"),
+    # keras.utils.set_random_seed seeds NumPy's legacy generator: 32 bits.
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("pretrain_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("encoder.layers", _at_least_one, "at least 1"),
+    ("encoder.width", _at_least_one, "at least 1"),
+    ("encoder.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("scarf.corruption_rate", _rate, "in [0, 1]"),
+    ("scarf.temperature", _positive, "a finite number > 0"),
+    ("scarf.projector_hidden", _at_least_one, "at least 1"),
+    ("scarf.projector_dim", _at_least_one, "at least 1"),
+    ("vime.mask_rate", _rate, "in [0, 1]"),
+    ("vime.alpha", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    ("byol.corruption_rate", _rate, "in [0, 1]"),
+    ("byol.hidden", _at_least_one, "at least 1"),
+    ("byol.projection_dim", _at_least_one, "at least 1"),
+    ("byol.ema_base", _rate, "in [0, 1]"),
+)
+
+
+def _choices() -> tuple[tuple[str, tuple[str, ...]], ...]:
     from keras_ssrl.methods import METHODS
 
-    if config.method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got {config.method!r}")
-    if config.precision not in PRECISIONS:
+    return (
+        ("method", METHODS),
+        ("precision", PRECISIONS),
+        ("keep", KEEP),
+        ("byol.ema_schedule", EMA_SCHEDULES),
+    )
+
+
+def _leaves(config, prefix: str = ""):
+    """`(path, value, default)` of every setting of a config dataclass, nested ones too."""
+    defaults = type(config)()
+    for f in dataclasses.fields(config):
+        value, default = getattr(config, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, default
+
+
+def _check_type(path: str, value, default) -> None:
+    # NumPy integers and floats pass (a sweep may build configs from arrays).
+    if isinstance(default, bool):
+        ok = isinstance(value, (bool, np.bool_))
+    elif isinstance(default, int):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
         raise ConfigError(
-            f"precision must be one of {PRECISIONS}, got {config.precision!r}"
+            f"config {path} must be {type(default).__name__}, got {value!r}", path
         )
-    if config.keep not in KEEP:
-        raise ConfigError(f"keep must be one of {KEEP}, got {config.keep!r}")
-    if not 0 < config.pretrain_fraction <= 1:
-        raise ConfigError(
-            f"pretrain_fraction must be in (0, 1], got {config.pretrain_fraction}"
-        )
-    for name in ("epochs", "batch_size"):
-        if int(getattr(config, name)) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if not config.learning_rate > 0:
-        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+
+
+def validate_config(config: PretrainConfig) -> None:
+    """Checks every setting, of every method; raises `ConfigError` naming the field.
+
+    Runs before anything is written: a setting the model would refuse later must not
+    leave a run folder (and its `config.json`) behind. Method sections other than
+    `config.method`'s are checked too: they are recorded in `config.json`, and a
+    preset is either valid or refused.
+    """
+    if not isinstance(config, PretrainConfig):
+        raise ConfigError(f"expected a PretrainConfig, got {type(config).__name__}")
+    values = {}
+    for path, value, default in _leaves(config):
+        _check_type(path, value, default)
+        values[path] = value
+    for path, allowed in _choices():
+        if values[path] not in allowed:
+            raise ConfigError(
+                f"{path} must be one of {', '.join(allowed)}, got {values[path]!r}",
+                path,
+            )
+    for path, accepted, expected in _RANGES:
+        if not accepted(values[path]):
+            raise ConfigError(f"{path} must be {expected}, got {values[path]!r}", path)
 
 
 def resolve_precision(precision: str) -> str:
@@ -232,9 +334,18 @@ def resolve_precision(precision: str) -> str:
 
 
 def _read_split_ids(data_dir: str, split: str) -> list[str]:
-    with open_file(join(data_dir, SPLITS_CSV), "rb") as handle:
-        lines = handle.read().decode("utf-8").splitlines()
-    return [row["sample_id"] for row in csv.DictReader(lines) if row["split"] == split]
+    path = join(data_dir, SPLITS_CSV)
+    try:
+        with open_file(path, "rb") as handle:
+            lines = handle.read().decode("utf-8").splitlines()
+        return [
+            row["sample_id"] for row in csv.DictReader(lines) if row["split"] == split
+        ]
+    except (OSError, UnicodeDecodeError, KeyError) as error:
+        raise DataError(
+            f"{path}: unreadable ({type(error).__name__}: {error}); re-run the "
+            "conversion or check the folder with python tfrecords_tools/inspect.py"
+        ) from None
 
 
 def pretrain_subset(data_dir: str, fraction: float, seed: int) -> list[str] | None:
@@ -449,12 +560,112 @@ def _finite_or_none(value):
 
 
 def load_run_config(run_dir: str) -> dict | None:
-    """The `config.json` of a run folder, or None when there is none."""
+    """The `config.json` of a run folder, or None when there is none.
+
+    Raises:
+        RunDirError: the file exists but is not a JSON object (damaged or foreign).
+    """
     path = os.path.join(run_dir, CONFIG_JSON)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunDirError(f"{path}: unreadable ({error})") from None
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path}: not a run's config.json (not a JSON object)")
+    return record
+
+
+def stale_temporaries_pattern(names) -> str:
+    """A regex for the temporaries `atomic_path` leaves for `names` when killed.
+
+    Only those of the run's own files: a user's file is never matched.
+    """
+    alternatives = "|".join(re.escape(name) for name in names)
+    return rf"(?:{alternatives})\.tmp-(?P<pid>\d+)(?:\.keras)?"
+
+
+def check_output_folder(
+    path: str,
+    own: tuple[str, ...],
+    what: str,
+    error: type = RunDirError,
+    own_files: bool = False,
+) -> None:
+    """Refuses a path that is not a folder, or a folder holding anything foreign.
+
+    A new run may go into a missing or empty folder, or one holding only what an
+    earlier, interrupted attempt of this tool leaves (its lock file, the temporaries
+    of `own`, and with `own_files` the files `own` themselves): writing a run among a
+    user's files could overwrite them.
+    """
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise error(
+            f"{path} exists and is not a folder; choose a folder for the {what}"
+        )
+    if not os.path.isdir(path):
+        return
+    temporary = re.compile(stale_temporaries_pattern(own))
+    allowed = {LOCK_FILE, *(own if own_files else ())}
+    foreign = sorted(
+        name
+        for name in os.listdir(path)
+        if name not in allowed and not temporary.fullmatch(name)
+    )
+    if foreign:
+        raise error(
+            f"{path} already holds files that are not a {what} ({preview(foreign, 3)}); "
+            "choose a new or empty folder"
+        )
+
+
+def check_outside(path: str, data_dir: str, what: str, error: type = RunDirError):
+    """Refuses an output folder inside (or equal to) the dataset folder it reads."""
+    if "://" in str(data_dir):
+        return
+    data = os.path.realpath(data_dir)
+    out = os.path.realpath(path)
+    if os.path.commonpath([out, data]) == data:
+        raise error(
+            f"{path}: the {what} would be inside the dataset folder {data_dir}, adding "
+            "files to the dataset; choose a folder outside it"
+        )
+
+
+@contextlib.contextmanager
+def locked_folder(path: str, what: str, error: type = RunDirError):
+    """Holds an exclusive `FolderLock` on `path` for the block: one process per folder.
+
+    A second process gets `error` naming the holder's PID (a lock left by a dead
+    process is taken over: the kernel released it). When the lock created the folder
+    and the block fails while the folder holds nothing but the lock file (a run
+    refused or failed before writing anything), the folder is removed again: no trace.
+
+    Yields:
+        The `FolderLock`.
+    """
+    lock = FolderLock(path, what)
+    try:
+        lock.acquire()
+    except LockedError as locked:  # its message names the holder's PID
+        raise error(str(locked)) from locked
+    except OSError as failure:
+        raise error(
+            f"{path}: cannot create or lock the {what} ({failure.strerror or failure})"
+        ) from None
+    try:
+        yield lock
+    except BaseException:
+        # Still holding the lock: no other process can be starting in the folder.
+        if lock.created and os.listdir(lock.directory) == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                os.remove(lock.path)
+                os.rmdir(lock.directory)
+        raise
+    finally:
+        lock.release()
 
 
 def _truncate_history(path: str, first_epoch: int) -> None:
@@ -490,6 +701,27 @@ def _last_history_row(path: str) -> dict:
         except (TypeError, ValueError):
             out[key] = value
     return out
+
+
+class _Sigterm:
+    """What a SIGTERM does at each stage of a run.
+
+    During training (`during_training` set, by `_train`) it asks for a checkpoint and
+    a stop at the end of the current step. Once training is over the encoder, the
+    projector files and the summary are being written: stopping then would lose a
+    finished run (and report it as interrupted), so the signal is only noted and the
+    run completes. The handler only sets flags: it runs between two bytecodes of the
+    main thread, possibly in the middle of a write.
+    """
+
+    def __init__(self):
+        self.received = False
+        self.during_training: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        self.received = True
+        if self.during_training is not None:
+            self.during_training()
 
 
 @contextlib.contextmanager
@@ -619,7 +851,9 @@ def run_pretraining(
         resume: bool, continue the run in `run_dir` from its newest complete
             checkpoint. It must be the same run: same method, configuration, gene
             list, dataset and precision, or `RunDirError` names the differences. With
-            no checkpoint yet, training starts from the beginning.
+            no checkpoint yet, training starts from the beginning; a folder without a
+            run (no `config.json`) is refused. Without `resume`, `run_dir` must be
+            missing or empty.
         distribute: `none` or `mirrored` (`tf.distribute.MirroredStrategy` over the
             GPUs, or the logical CPU devices; `config.batch_size` is the global batch).
         checkpoint_every: int, checkpoint period in steps (0: epoch ends only).
@@ -631,9 +865,11 @@ def run_pretraining(
         The summary written to `summary.json`.
 
     Raises:
-        ConfigError: an invalid setting.
-        DataError: unreadable or unsuitable data.
-        RunDirError: `run_dir` holds another run (or a different one to resume).
+        ConfigError: an invalid setting (`field` names it).
+        DataError: unreadable or unsuitable data; `DamagedDataError` when a shard
+            cannot be read during training (the shard is named).
+        RunDirError: `run_dir` holds another run (or a different one to resume),
+            foreign files, or is in use by another process (its PID is named).
         NonFiniteLossError: the loss became NaN or inf (the step is named); the
             checkpoints keep the last finite state.
         TrainingInterrupted: SIGTERM received; a checkpoint of the current step was
@@ -650,13 +886,23 @@ def run_pretraining(
     validate_config(config)
     if distribute not in DISTRIBUTE:
         raise ConfigError(f"distribute must be one of {DISTRIBUTE}, got {distribute!r}")
-    if checkpoint_every < 0:
-        raise ConfigError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if (
+        not isinstance(checkpoint_every, numbers.Integral)
+        or isinstance(checkpoint_every, bool)
+        or checkpoint_every < 0
+    ):
+        raise ConfigError(
+            f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}",
+            "checkpoint_every",
+        )
     if "://" in str(run_dir):
         raise RunDirError(
             f"{run_dir}: the run folder must be local (checkpoints are renamed "
             "atomically); copy it to remote storage afterwards"
         )
+    run_dir = os.path.abspath(run_dir)
+    # Every refusal the folder allows, before the (slow) data checks and any write.
+    saved = _existing_run(run_dir, resume)
     import keras
     import tensorflow as tf
 
@@ -670,8 +916,8 @@ def run_pretraining(
     for split in (schema.PRETRAIN, schema.PRETRAIN_VAL):
         if manifest.num_records(split) < 1:
             raise DataError(f"{data_dir}: split {split!r} is empty")
+    check_outside(run_dir, data_dir, "run folder")
     precision = resolve_precision(config.precision)
-    run_dir = os.path.abspath(run_dir)
     subset = pretrain_subset(data_dir, config.pretrain_fraction, config.seed)
     n_train = len(subset) if subset is not None else manifest.num_records("pretrain")
     strategy = (
@@ -711,58 +957,116 @@ def run_pretraining(
         "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": list(command) if command is not None else None,
     }
-    _prepare_run_dir(run_dir, record, resume)
-    log(
-        f"{config.method}: {n_train} training samples x {manifest.n_genes} genes, "
-        f"{plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs, precision "
-        f"{precision}, {strategy.num_replicas_in_sync} replica(s); run folder "
-        f"{run_dir}"
-    )
+    if saved is not None:
+        _check_same_run(saved, record, run_dir)
 
-    previous_policy = keras.config.dtype_policy()
-    # Before any layer exists: layers take the global policy when built.
-    keras.config.set_dtype_policy(precision)
-    try:
-        keras.utils.set_random_seed(config.seed)
-        with strategy.scope():
-            parts = _build(config, manifest.n_genes, plan)
+    with locked_folder(run_dir, "run folder"):
+        # Again under the lock: another process may have started a run meanwhile.
+        saved = _existing_run(run_dir, resume)
+        if saved is not None:
+            _check_same_run(saved, record, run_dir)
+        remove_stale_temporaries(run_dir, stale_temporaries_pattern(RUN_FILES), log)
+        previous_policy = keras.config.dtype_policy()
+        # Before any layer exists: layers take the global policy when built.
+        keras.config.set_dtype_policy(precision)
+        try:
+            keras.utils.set_random_seed(config.seed)
+            with strategy.scope():
+                parts = _build(config, manifest.n_genes, plan)
+            if saved is None:
+                # Written once the model is built: a refused run leaves no config.json.
+                write_json_atomic(os.path.join(run_dir, CONFIG_JSON), record)
+            log(
+                f"{config.method}: {n_train} training samples x {manifest.n_genes} "
+                f"genes, {plan.steps_per_epoch} steps/epoch x {plan.epochs} epochs, "
+                f"precision {precision}, {strategy.num_replicas_in_sync} replica(s); "
+                f"run folder {run_dir}"
+            )
             start_step, state = 0, {}
             if resume:
-                start_step, state = _restore(parts, run_dir, plan, log)
-        seconds = _train(
-            parts,
-            config,
-            data_dir,
-            subset,
-            manifest,
-            plan,
-            run_dir,
-            start_step,
-            state,
-            checkpoint_every,
-            verbose,
-            log,
-        )
-        return _finish(
-            parts, config, data_dir, manifest, plan, run_dir, precision, start_step,
-            state, seconds, log,
-        )  # fmt: skip
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+                with strategy.scope():
+                    start_step, state = _restore(parts, run_dir, plan, log)
+            sigterm = _Sigterm()
+            with _on_sigterm(sigterm), naming_damaged_shards(data_dir):
+                seconds = _train(
+                    parts, config, data_dir, subset, manifest, plan, run_dir,
+                    start_step, state, checkpoint_every, verbose, log, sigterm,
+                )  # fmt: skip
+                sigterm.during_training = None
+                summary = _finish(
+                    parts, config, data_dir, manifest, plan, run_dir, precision,
+                    start_step, state, seconds, log,
+                )  # fmt: skip
+            if sigterm.received:
+                log("SIGTERM received once training had finished: the run completed")
+            return summary
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
 
 
-def _prepare_run_dir(run_dir: str, record: dict, resume: bool) -> None:
+# The files of a run folder that `atomic_path` writes (their temporaries are ours).
+RUN_FILES = (CONFIG_JSON, SUMMARY_JSON, HISTORY_CSV, ENCODER_FILE)
+
+
+def _existing_run(run_dir: str, resume: bool) -> dict | None:
+    """The `config.json` of the run in `run_dir`, refusing folders this run cannot use.
+
+    A new run needs a missing or empty folder (or one left by an attempt killed
+    before writing `config.json`); `resume` needs a run to continue.
+    """
     saved = load_run_config(run_dir)
-    if saved is not None and not resume:
+    if saved is None:
+        if resume:
+            raise RunDirError(
+                f"{run_dir}: no run to resume (no {CONFIG_JSON}); start it without "
+                "--resume (resume=False)"
+            )
+        check_output_folder(run_dir, RUN_FILES, "pre-training run")
+        return None
+    if saved.get("kind") not in (None, "pretrain"):
+        raise RunDirError(
+            f"{run_dir} holds a {saved['kind']} run, not a pre-training run; choose "
+            "another RUN_DIR"
+        )
+    if not resume:
         raise RunDirError(
             f"{run_dir} already holds a run; pass --resume (resume=True) to continue "
             "it, or choose another RUN_DIR"
         )
-    if saved is not None:
-        _check_same_run(saved, record, run_dir)
-    else:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json_atomic(os.path.join(run_dir, CONFIG_JSON), record)
+    return saved
+
+
+@contextlib.contextmanager
+def naming_damaged_shards(data_dir: str, splits=(schema.PRETRAIN, schema.PRETRAIN_VAL)):
+    """Turns TensorFlow's "corrupted record at N" into a `DamagedDataError`.
+
+    The reader's error gives a byte offset but no file: the splits read are scanned
+    to name the damaged shard(s).
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.DataLossError as error:
+        raise damaged_data_error(data_dir, splits, error) from error
+
+
+def damaged_data_error(data_dir: str, splits, error: Exception) -> DamagedDataError:
+    """A `DamagedDataError` naming the unreadable shards of `splits` (found by a scan)."""
+    from keras_ssrl.data.integrity import clean_tf_error, find_damaged_shards
+
+    damaged = []
+    for split in splits:
+        damaged += find_damaged_shards(data_dir, split)
+    found = (
+        f"damaged shard {preview(damaged, 2)}"
+        if damaged
+        else f"a shard is damaged ({clean_tf_error(error)})"
+    )
+    return DamagedDataError(
+        f"{found}\ncheck the dataset with: python tfrecords_tools/inspect.py "
+        f"{data_dir} (then re-copy the shard or re-run the conversion)"
+    )
 
 
 @dataclasses.dataclass
@@ -881,8 +1185,13 @@ def _train(
     checkpoint_every: int,
     verbose,
     log,
+    sigterm: _Sigterm,
 ) -> float:
-    """Runs `fit` from `start_step` to the end; returns the seconds it took."""
+    """Runs `fit` from `start_step` to the end; returns the seconds it took.
+
+    A SIGTERM (`sigterm`) during training writes a checkpoint at the end of the
+    current step and raises `TrainingInterrupted`.
+    """
     import keras
 
     from keras_ssrl.callbacks import (
@@ -947,20 +1256,22 @@ def _train(
         ),
         saver,
     ]
-    with _on_sigterm(saver.request_stop):
-        for first, end, skip in plan.phases(start_step):
-            parts.model.fit(
-                train_data(first, end).skip(skip),
-                validation_data=val_data,
-                epochs=end,
-                initial_epoch=first,
-                steps_per_epoch=spe - skip,
-                shuffle=False,  # shuffled per epoch by make_train_data, reproducibly
-                callbacks=callbacks,
-                verbose=verbose,
-            )
-            if guard.stopped_at is not None or saver.preempted:
-                break
+    sigterm.during_training = saver.request_stop
+    if sigterm.received:  # while the input pipeline was built: stop at once
+        saver.request_stop()
+    for first, end, skip in plan.phases(start_step):
+        parts.model.fit(
+            train_data(first, end).skip(skip),
+            validation_data=val_data,
+            epochs=end,
+            initial_epoch=first,
+            steps_per_epoch=spe - skip,
+            shuffle=False,  # shuffled per epoch by make_train_data, reproducibly
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        if guard.stopped_at is not None or saver.preempted:
+            break
     seconds = time.perf_counter() - start
 
     if guard.stopped_at is not None:

@@ -29,7 +29,12 @@ Each sub-command writes into --out: `experiment.json` (the resolved settings),
 resumes: finished runs are skipped. `--jobs N` runs N shards in parallel processes on
 this machine and merges them.
 
-Exit status: 0 done; 2 bad arguments, data or folders; 3 merged, but runs are missing.
+Every argument, dataset and folder is checked before anything is written: a refused
+command leaves no trace. One process writes each results table: a second one on the
+same --out (and --shard) is refused, naming the first one's PID.
+
+Exit status: 0 done; 1 damaged data; 2 bad arguments, data or folders, or --out in use;
+3 merged, but runs are missing.
 """
 
 from __future__ import annotations
@@ -38,46 +43,60 @@ import argparse
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl import config as presets  # noqa: E402
-from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.evaluation import protocol  # noqa: E402
+from keras_ssrl.files import LockedError  # noqa: E402
 from keras_ssrl.finetuning import FinetuneError  # noqa: E402
 from keras_ssrl.training import ConfigError, RunDirError  # noqa: E402
 
 # Set in the shard processes that --jobs starts (their parent merges).
 _CHILD_ENV = "KERAS_SSRL_EVALUATE_CHILD"
 SWEEPS = ("label-efficiency", "architectures", "pretrain-size", "logreg")
+# What a user can cause (arguments, data, folders, a busy --out): a message, no
+# traceback. An OSError is an unreadable file or an unwritable place.
+USER_ERRORS = (protocol.ProtocolError, FinetuneError, DataError, ConfigError,
+               RunDirError, LockedError, OSError)  # fmt: skip
 
 
-def _floats(text: str, full, quick) -> tuple[float, ...]:
+def _floats(text: str, full, quick, flag: str) -> tuple[float, ...]:
+    """A grid: `full`, `quick` or a comma list (ranges are checked by `validate`)."""
     if text == "full":
         return tuple(full)
     if text == "quick":
         return tuple(quick)
     try:
-        return tuple(float(v) for v in text.split(",") if v)
+        return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected full, quick or numbers: {text!r}"
+        raise protocol.ProtocolError(
+            f"{flag}: expected full, quick or comma-separated numbers, got {text!r}"
         ) from None
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise protocol.ProtocolError(
+            f"{flag}: expected comma-separated integers, got {text!r}"
+        ) from None
 
 
-def _pairs(text: str | None) -> dict[str, str]:
+def _pairs(text: str | None, flag: str) -> dict[str, str]:
     if not text:
         return {}
     out = {}
     for item in text.split(","):
-        name, _, path = item.partition("=")
-        if not path:
-            raise argparse.ArgumentTypeError(f"expected NAME=RUN_DIR, got {item!r}")
-        out[name.strip()] = os.path.abspath(path.strip())
+        name, _, path = (part.strip() for part in item.partition("="))
+        if not name or not path:
+            raise protocol.ProtocolError(f"{flag}: expected NAME=RUN_DIR, got {item!r}")
+        if name in out:
+            raise protocol.ProtocolError(f"{flag}: {name} is given twice")
+        out[name] = os.path.abspath(path)
     return out
 
 
@@ -166,17 +185,24 @@ def experiment_of(args) -> protocol.Experiment:
     aupc_low, aupc_high = presets.AUPC_RANGE
     if command in ("label-efficiency", "logreg"):
         fractions = _floats(
-            args.fractions, presets.FULL_FRACTIONS, presets.QUICK_FRACTIONS
+            args.fractions,
+            presets.FULL_FRACTIONS,
+            presets.QUICK_FRACTIONS,
+            "--fractions",
         )
     elif command == "architectures":
         full = tuple(round(0.01 * i, 2) for i in range(2, 31))
         quick = tuple(p for p in presets.QUICK_FRACTIONS if p <= aupc_high)
-        fractions = _floats(args.fractions, full, quick)
+        fractions = _floats(args.fractions, full, quick, "--fractions")
     else:
         fractions = (args.fraction,)
     grid = getattr(args, "fractions", None) or getattr(args, "sizes", "full")
     default_repeats = presets.QUICK_REPEATS if grid == "quick" else presets.FULL_REPEATS
-    methods = ("logreg",) if command == "logreg" else tuple(args.methods.split(","))
+    methods = (
+        ("logreg",)
+        if command == "logreg"
+        else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    )
     experiment = protocol.Experiment(
         kind=kind,
         setting="custom" if args.data else args.setting,
@@ -185,12 +211,12 @@ def experiment_of(args) -> protocol.Experiment:
         else None,
         finetune_data=os.path.abspath(args.data) if args.data else None,
         methods=methods,
-        modes=tuple(args.modes.split(","))
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip())
         if command == "label-efficiency"
         else ("unfrozen",),
         fractions=fractions,
-        repeats=args.repeats or default_repeats,
-        pretrained=_pairs(getattr(args, "pretrained", None)),
+        repeats=default_repeats if args.repeats is None else args.repeats,
+        pretrained=_pairs(getattr(args, "pretrained", None), "--pretrained"),
         pretrain_dir=os.path.abspath(args.pretrain_dir) if args.pretrain_dir else None,
         pretrain_epochs=args.pretrain_epochs,
         seed=args.seed,
@@ -203,11 +229,12 @@ def experiment_of(args) -> protocol.Experiment:
         ),
     )
     if command == "architectures":
-        experiment.depths, experiment.widths = _ints(args.depths), _ints(args.widths)
+        experiment.depths = _ints(args.depths, "--depths")
+        experiment.widths = _ints(args.widths, "--widths")
     if command == "pretrain-size":
         experiment.depths, experiment.widths = (args.layers,), (args.width,)
         experiment.pretrain_sizes = _floats(
-            args.sizes, presets.FULL_PRETRAIN_SIZES, (0.05, 0.2, 1.0)
+            args.sizes, presets.FULL_PRETRAIN_SIZES, (0.05, 0.2, 1.0), "--sizes"
         )
     if command == "label-efficiency":
         experiment.depths, experiment.widths = (args.layers,), (args.width,)
@@ -240,6 +267,8 @@ def _finished_runs(folder: str) -> list[tuple[str, str]]:
 
 
 def _set_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise protocol.ProtocolError(f"--threads must be >= 1, got {threads}")
     if threads:
         import tensorflow as tf
 
@@ -248,7 +277,10 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _run_jobs(args, argv: list[str], experiment, out: str) -> int:
-    """Runs `--jobs` shards as child processes of this script, then merges."""
+    """Runs `--jobs` shards as child processes of this script, then merges.
+
+    The caller holds the folder's lock; each child takes its shard's own lock.
+    """
     protocol.prepare_out(experiment, out)
     if experiment.kind == "label-efficiency":
         # Encoders first, once: the children then find them finished.
@@ -306,6 +338,7 @@ def _strip(argv: list[str], *flags: str) -> list[str]:
 
 
 def _merge(out: str) -> int:
+    """Merges and summarises; the caller holds the folder's lock."""
     _, missing = protocol.merge(out)
     if missing:
         return 3
@@ -313,44 +346,90 @@ def _merge(out: str) -> int:
     return 0
 
 
+class Plan(NamedTuple):
+    """A sweep command, checked: what it runs, where, and what to tell the user."""
+
+    experiment: protocol.Experiment
+    out: str
+    shard: tuple[int, int] | None
+    notes: list[str]
+
+
+def plan(args) -> Plan:
+    """Checks every argument, dataset and folder of a sweep; writes nothing in --out.
+
+    Raises:
+        ProtocolError (and the data and fine-tuning errors): the first problem.
+    """
+    if args.jobs < 1:
+        raise protocol.ProtocolError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and args.shard:
+        raise protocol.ProtocolError("--jobs and --shard are exclusive")
+    shard = protocol.parse_shard(args.shard)
+    experiment, notes = protocol.deduplicated(experiment_of(args))
+    protocol.validate(experiment)
+    out = args.out or os.path.join("results", f"{args.command}-{experiment.setting}")
+    if experiment.pretrain_dir:
+        protocol.check_writable_folder(experiment.pretrain_dir, "--pretrain-dir")
+    protocol.check_out(experiment, out)
+    notes = [f"note: {n}" for n in notes]
+    notes += [f"warning: {w}" for w in protocol.check_data(experiment, out)]
+    return Plan(experiment, out, shard, notes)
+
+
+def _sweep(args, argv: list[str]) -> int:
+    _set_threads(args.threads)  # before TensorFlow starts: checking the data starts it
+    checked = plan(args)
+    child = bool(os.environ.get(_CHILD_ENV))
+    if not child:  # the parent of --jobs has said it
+        for line in checked.notes:
+            print(line, file=sys.stderr)
+    out, shard = checked.out, checked.shard
+    if args.jobs > 1:
+        with protocol.evaluation_lock(out):
+            return _run_jobs(args, argv, checked.experiment, out)
+    with protocol.evaluation_lock(out, shard):
+        protocol.run_experiment(checked.experiment, out, shard=shard)
+        if shard is None:
+            return _merge(out)
+    if not child:
+        print(f"shard {args.shard} done; `evaluate.py merge --out {out}` when all are")
+    return 0
+
+
+def _collapse(args) -> int:
+    runs = _pairs(args.runs, "--runs")
+    if args.from_dir:
+        if not os.path.isdir(args.from_dir):
+            raise protocol.ProtocolError(f"--from {args.from_dir}: no such folder")
+        runs.update(
+            (name, path)
+            for name, path in _finished_runs(args.from_dir)
+            if name not in runs
+        )
+    protocol.run_collapse(runs, args.data, args.out)
+    return 0
+
+
+def _command(args, argv: list[str]) -> int:
+    if args.command == "merge":
+        # Refuse a folder of something else, or a damaged table, before locking.
+        protocol.load_experiment(args.out)
+        protocol.check_tables(args.out)
+        with protocol.evaluation_lock(args.out):
+            return _merge(args.out)
+    if args.command == "collapse":
+        return _collapse(args)
+    return _sweep(args, argv)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
-        if args.command == "merge":
-            return _merge(args.out)
-        if args.command == "collapse":
-            runs = _pairs(args.runs)
-            if args.from_dir:
-                runs.update(
-                    (name, path)
-                    for name, path in _finished_runs(args.from_dir)
-                    if name not in runs
-                )
-            protocol.run_collapse(runs, args.data, args.out)
-            return 0
-        _set_threads(args.threads)
-        experiment = experiment_of(args)
-        out = args.out or os.path.join(
-            "results", f"{args.command}-{experiment.setting}"
-        )
-        if args.jobs > 1:
-            if args.shard:
-                raise protocol.ProtocolError("--jobs and --shard are exclusive")
-            return _run_jobs(args, argv, experiment, out)
-        shard = protocol.parse_shard(args.shard)
-        protocol.run_experiment(experiment, out, shard=shard)
-        if shard is None:
-            return _merge(out)
-        if not os.environ.get(_CHILD_ENV):
-            print(
-                f"shard {args.shard} done; `evaluate.py merge --out {out}` when all are"
-            )
-        return 0
-    except (protocol.ProtocolError, FinetuneError, DataError, ConfigError,
-            RunDirError, argparse.ArgumentTypeError) as error:  # fmt: skip
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _command(args, argv)
+    except USER_ERRORS as error:
+        return report_error(error)  # 1 for damaged data, else 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,14 @@ accuracy, macro-F1, confusion matrix). Defaults (Adam 1e-4, batch 8, at most 100
 early stopping with patience 30 restoring the best epoch) come from
 `keras_ssrl.config.FinetuneConfig`.
 
-Exit status: 0 done; 1 the loss became NaN or inf; 2 bad arguments, data or folders.
+Every setting, the encoder run, the data and --out are checked before training starts,
+and nothing is written before then: a refused command leaves no trace. --out must be new
+or empty; one process at a time per folder (a second one is refused, naming the first
+one's PID). Fine-tuning needs at least 2 classes; a test split too small to measure
+much (fewer than 30 samples, or 5 of a class) is warned about on stderr.
+
+Exit status: 0 done; 1 the loss became NaN or inf, or a shard of the dataset is damaged
+(it is named); 2 bad arguments, data or folders.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl.config import EncoderConfig, FinetuneConfig  # noqa: E402
-from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.data.errors import DamagedDataError, DataError  # noqa: E402
 from keras_ssrl.finetuning import MODES, FinetuneError, finetune  # noqa: E402
 
 DEFAULTS = FinetuneConfig()
@@ -96,8 +103,10 @@ def main(argv=None) -> int:
     )
 
     def log(line: str) -> None:
+        if line.startswith("warning:"):
+            print(line, file=sys.stderr)
         # --quiet drops the per-epoch lines, keeps the summary.
-        if not (args.quiet and line.startswith("epoch")):
+        elif not (args.quiet and line.startswith("epoch")):
             print(line)
 
     try:
@@ -110,12 +119,12 @@ def main(argv=None) -> int:
             log=log,
             command=sys.argv if argv is None else ["scripts/finetune.py", *argv],
         )
+    except (FloatingPointError, DamagedDataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (FinetuneError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     return 0
 
 

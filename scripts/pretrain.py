@@ -24,9 +24,14 @@ logs (`tensorboard --logdir RUN_DIR`) and `checkpoints/`. Defaults of every sett
 come from `keras_ssrl.config.PretrainConfig`; explicit flags override `--config`, which
 overrides those defaults (and, with --resume, the run's saved settings).
 
-Exit status: 0 done; 1 the loss became NaN or inf (the step is named); 2 bad
-arguments, data or run folder; 143 stopped by SIGTERM after writing a checkpoint
-(rerun with --resume to continue).
+Every setting, the data and the run folder are checked before anything is written: a
+refused command leaves no trace. A new run needs a new or empty --out; one process at a
+time per run folder (a second one is refused, naming the first one's PID).
+
+Exit status: 0 done (also when a SIGTERM arrives once training has finished); 1 the
+loss became NaN or inf (the step is named), or a shard of the dataset is damaged (it is
+named); 2 bad arguments, data or run folder; 143 stopped by SIGTERM after writing a
+checkpoint (rerun with --resume to continue).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl.config import PretrainConfig  # noqa: E402
-from keras_ssrl.data.errors import DataError  # noqa: E402
+from keras_ssrl.data.errors import DamagedDataError, DataError  # noqa: E402
 from keras_ssrl.methods import METHODS  # noqa: E402
 from keras_ssrl.training import (  # noqa: E402
     DEFAULT_CHECKPOINT_EVERY,
@@ -78,6 +83,20 @@ FLAGS = {
     "ema_schedule": ("byol.ema_schedule", ("byol",)),
     "symmetric": ("byol.symmetric", ("byol",)),
 }
+
+
+def flag_of(field: str | None) -> str | None:
+    """The command-line flag that sets config path `field`, if there is one."""
+    if field is None:
+        return None
+    if field.endswith(".corruption_rate"):
+        return "--corruption-rate"
+    for dest, (path, _) in FLAGS.items():
+        if path == field:
+            return "--" + dest.replace("_", "-")
+    if field == "checkpoint_every":
+        return "--checkpoint-every"
+    return None
 
 
 def default(path: str):
@@ -194,7 +213,13 @@ def resolve_config(args, p: argparse.ArgumentParser) -> PretrainConfig:
     if args.resume and args.out:
         saved = load_run_config(args.out)
         if saved is not None:
-            config = config_from_dict(saved)
+            try:
+                config = config_from_dict(saved)
+            except ConfigError as error:
+                raise RunDirError(
+                    f"{os.path.join(args.out, 'config.json')}: not a pre-training "
+                    f"run's configuration ({error})"
+                ) from None
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as handle:
@@ -226,11 +251,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out RUN_DIR (the run to continue)")
-    config = resolve_config(args, p)
     out = args.out or os.path.join(
         "runs", f"{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )
     try:
+        config = resolve_config(args, p)
         run_pretraining(
             config,
             args.data,
@@ -241,12 +266,16 @@ def main(argv=None) -> int:
             verbose="auto" if args.verbose is None else args.verbose,
             command=sys.argv if argv is None else ["scripts/pretrain.py", *argv],
         )
-    except (ConfigError, DataError, RunDirError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except ConfigError as error:
+        flag = flag_of(error.field)
+        print(f"error: {error}" + (f" ({flag})" if flag else ""), file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, DamagedDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (DataError, RunDirError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return EXIT_SIGTERM

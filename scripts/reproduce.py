@@ -16,7 +16,8 @@ Usage:
 Runs, into --out: the three pre-training runs (`pretrain/`, shared by every experiment),
 `label-efficiency/` (Figure 3), `architectures/` (Figure 4 top), `collapse/` (Figure 4
 bottom), `pretrain-size/` (Figure 5), and `report.md` with the figures and tables next to
-the paper's findings. Rerunning resumes every experiment where it stopped.
+the paper's findings. Rerunning resumes every experiment where it stopped. Every
+experiment's arguments, data and folders are checked before the first one starts.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import argparse  # noqa: E402
 
 import evaluate  # noqa: E402
 
+from keras_ssrl.data.errors import report_error  # noqa: E402
+from keras_ssrl.evaluation import protocol  # noqa: E402
 from keras_ssrl.evaluation.report import write_report  # noqa: E402
+from keras_ssrl.files import FolderLock  # noqa: E402
 
 # (arguments per experiment) for each preset. quick: the reduced grids of protocol.md;
 # paper: the full grids (99 fractions x 5 repeats, depth 2..10 x width 256/1024, 24 q).
@@ -72,7 +76,7 @@ def _architecture(arguments: list[str]) -> str:
     return f"{values.get('--layers', 4)}x{values.get('--width', 256)}"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--setting", default="tcga", choices=("tcga", "archs4", "archs4_to_tcga")
@@ -96,9 +100,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--max-epochs", type=int, help="override fine-tuning's 100 epochs (for a check)"
     )
-    args = p.parse_args(argv)
-    name = "custom" if args.data else args.setting
-    out = os.path.abspath(args.out or os.path.join("results", f"reproduce-{name}"))
+    return p
+
+
+def steps_of(args, out: str) -> list[list[str]]:
+    """The evaluate.py command line of each sweep."""
     common = ["--seed", str(args.seed), "--pretrain-dir", os.path.join(out, "pretrain")]
     if args.data:
         common += ["--data", args.data]
@@ -106,28 +112,54 @@ def main(argv=None) -> int:
             common += ["--pretrain-data", args.pretrain_data]
     else:
         common += ["--setting", args.setting]
-    if args.pretrain_epochs:
-        common += ["--pretrain-epochs", str(args.pretrain_epochs)]
-    if args.jobs > 1:
-        common += ["--jobs", str(args.jobs)]
-    if args.max_epochs:
-        common += ["--max-epochs", str(args.max_epochs)]
+    optional = {"--pretrain-epochs": args.pretrain_epochs, "--jobs": args.jobs,
+                "--max-epochs": args.max_epochs}  # fmt: skip
+    for flag, value in optional.items():
+        if value is not None:
+            common += [flag, str(value)]
     preset = PRESETS[args.preset]
     steps = [
         ["label-efficiency", "--pretrain", *preset["label-efficiency"]],
         ["architectures", *preset["architectures"]],
         ["pretrain-size", *preset["pretrain-size"]],
     ]
-    for step in steps:
-        if args.repeats:
-            step = [*step, "--repeats", str(args.repeats)]
+    repeats = [] if args.repeats is None else ["--repeats", str(args.repeats)]
+    return [
+        [*step, *repeats, *common, "--out", os.path.join(out, step[0])]
+        for step in steps
+    ]
+
+
+def check(args, out: str) -> None:
+    """Checks every sweep's arguments, data and folders before the first one runs."""
+    protocol.check_writable_folder(out)
+    if args.pretrain_data and not args.data:
+        raise protocol.ProtocolError("--pretrain-data needs --data")
+    for step in steps_of(args, out):
+        evaluate.plan(evaluate.parser().parse_args(step))
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    name = "custom" if args.data else args.setting
+    out = os.path.abspath(args.out or os.path.join("results", f"reproduce-{name}"))
+    try:
+        check(args, out)
+        with FolderLock(out, "reproduction folder"):
+            return _reproduce(args, out, name)
+    except evaluate.USER_ERRORS as error:
+        return report_error(error)  # 1 for damaged data, else 2
+
+
+def _reproduce(args, out: str, name: str) -> int:
+    for step in steps_of(args, out):
         print(f"== {step[0]}", flush=True)
-        code = evaluate.main([*step, *common, "--out", os.path.join(out, step[0])])
+        code = evaluate.main(step)
         if code:
             return code
     print("== collapse", flush=True)
     pretrained = os.path.join(out, "pretrain")
-    arch = _architecture(preset["label-efficiency"])
+    arch = _architecture(PRESETS[args.preset]["label-efficiency"])
     runs = {
         method: os.path.join(pretrained, entry)
         for method in ("scarf", "vime", "byol")

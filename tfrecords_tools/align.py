@@ -9,7 +9,10 @@ Usage (the archs4_to_tcga setting: both datasets on their common genes):
 Keeps the genes of DATASET that are also in --to (a dataset folder or a text file with
 one gene id per line), in the order of --to, and reports how many matched; refuses when
 fewer than --min-overlap of the target's genes are found. Splits, shards and per-gene
-statistics (fitted on the pre-training split) are carried over unchanged.
+statistics (fitted on the pre-training split) are carried over unchanged. Exits 2 for bad
+arguments, folders or gene lists (checked before anything is written), 1 when a shard of
+DATASET is damaged. --overwrite replaces only a dataset folder written by these tools,
+never DATASET, the --to target or a folder holding anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl.data import DataError  # noqa: E402
 from keras_ssrl.data.align import rewrite_onto, target_genes  # noqa: E402
+from keras_ssrl.data.errors import report_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,11 +51,11 @@ def main(argv=None) -> int:
             target_name=name,
             min_overlap=args.min_overlap,
             overwrite=args.overwrite,
+            inputs=[args.to],
             command=sys.argv if argv is None else argv,
         )
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (DataError, OSError) as error:
+        return report_error(error)
     return 0
 
 

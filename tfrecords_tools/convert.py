@@ -23,8 +23,11 @@ Usage:
     python tfrecords_tools/convert.py --input gdc_download/ --out data/gdc
 
 Writes `<split>-00000-of-000NN.tfrecord` shards for pretrain, pretrain_val, finetune,
-finetune_val and test, `manifest.json` and `splits.csv` into --out. Bad input stops with
-a message naming the file, row and gene, and leaves nothing behind.
+finetune_val and test, `manifest.json` and `splits.csv` into --out. Every argument and
+the --out folder are checked before anything is read or written; bad input stops with a
+message naming the file, row and gene (exit 2), and leaves nothing behind. --overwrite
+replaces only a dataset folder this tool wrote (nothing else inside), never a folder that
+is, holds or lies inside an input.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ from keras_ssrl.config import (  # noqa: E402
 from keras_ssrl.data import DataError, convert  # noqa: E402
 from keras_ssrl.data.align import target_genes  # noqa: E402
 from keras_ssrl.data.builtin import BUILTIN, builtin_source  # noqa: E402
+from keras_ssrl.data.convert import validate_config  # noqa: E402
+from keras_ssrl.data.errors import report_error  # noqa: E402
+from keras_ssrl.data.output import check_output  # noqa: E402
 from keras_ssrl.data.sources import FORMATS, open_source  # noqa: E402
 
 SIZE_PRESETS = {"tcga": TCGA_FINETUNE_FRACTION, "archs4": ARCHS4_FINETUNE_FRACTION}
@@ -226,7 +232,20 @@ def main(argv=None) -> int:
         align_min_overlap=args.min_overlap,
         split=split,
     )
+    inputs = [
+        args.input,
+        args.labels,
+        args.label_rules,
+        args.sample_sheet,
+        args.align_to,
+    ]
     try:
+        # Refuse bad settings and output folders before reading (or writing) anything.
+        validate_config(config)
+        check_output(args.out, args.overwrite, inputs)
+        align, align_name = (None, "target")
+        if args.align_to:
+            align, align_name = target_genes(args.align_to)
         if args.builtin:
             source = builtin_source(
                 args.builtin, args.n_samples, args.n_genes, args.seed
@@ -252,9 +271,6 @@ def main(argv=None) -> int:
         )
         for key, value in report.items():
             print(f"  {key}: {value}")
-        align, align_name = (None, "target")
-        if args.align_to:
-            align, align_name = target_genes(args.align_to)
         convert(
             source,
             args.out,
@@ -264,10 +280,10 @@ def main(argv=None) -> int:
             extra_report=report,
             command=sys.argv if argv is None else argv,
             overwrite=args.overwrite,
+            inputs=inputs,
         )
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (DataError, OSError) as error:
+        return report_error(error)
     return 0
 
 

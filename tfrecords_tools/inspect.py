@@ -7,7 +7,9 @@ Usage:
 
 Prints genes, classes and counts per split, then checks every shard listed in the
 manifest (present, size, sha256, every record parses with the right width and label,
-record counts). Exits 1 naming each damaged shard, 2 when the folder is not a dataset.
+record counts). Exits 1 naming each damaged shard (or, when the manifest contradicts
+itself or its records, the manifest alone), 2 when the folder is not a dataset or its
+manifest names files outside the folder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse  # noqa: E402
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl.data import DataError  # noqa: E402
+from keras_ssrl.data.errors import report_error  # noqa: E402
 from keras_ssrl.data.integrity import inspect_dataset  # noqa: E402
 
 
@@ -39,9 +42,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         report = inspect_dataset(args.directory, checksums=not args.no_checksums)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (DataError, OSError) as error:
+        return report_error(error)
     print(report.summary())
     if not report.ok:
         print(f"\nFAILED: {len(report.problems)} problem(s)", file=sys.stderr)

@@ -7,8 +7,8 @@
 """
 
 from keras_ssrl.data.convert import convert
-from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.errors import DamagedDataError, DataError
 from keras_ssrl.data.manifest import Manifest
 from keras_ssrl.data.reader import load_dataset
 
-__all__ = ["DataError", "Manifest", "convert", "load_dataset"]
+__all__ = ["DamagedDataError", "DataError", "Manifest", "convert", "load_dataset"]

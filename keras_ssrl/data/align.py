@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 
 from keras_ssrl.data import schema
-from keras_ssrl.data.convert import finish_output, prepare_output
-from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.errors import DamagedDataError, DataError
 from keras_ssrl.data.genes import align_genes
+from keras_ssrl.data.integrity import clean_tf_error
 from keras_ssrl.data.manifest import (
     MANIFEST,
     SPLITS_CSV,
     Manifest,
+    join,
     open_file,
     sha256_file,
+    shard_path,
     write_json_atomic,
 )
+from keras_ssrl.data.output import OutputFolder
 
 
 def target_genes(target: str) -> tuple[list[str], str]:
@@ -45,6 +47,48 @@ def target_genes(target: str) -> tuple[list[str], str]:
     return genes, os.path.basename(target)
 
 
+def _read_batches(manifest: Manifest, path: str):
+    """Parsed batches of one shard as NumPy; a damaged shard is named, not a traceback."""
+    import tensorflow as tf
+
+    batches = (
+        tf.data.TFRecordDataset(path)
+        .batch(512)
+        .map(lambda s: schema.parse_batch(s, manifest.n_genes, manifest.record_dtype))
+        .as_numpy_iterator()
+    )
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except tf.errors.OpError as error:
+            raise DamagedDataError(
+                f"{path}: unreadable record ({clean_tf_error(error)}); run "
+                "tfrecords_tools/inspect.py on the dataset, then re-copy or re-convert it"
+            ) from None
+
+
+def _rewrite_shard(manifest: Manifest, path: str, out_path: str, columns) -> int:
+    """Copies one shard keeping only `columns` of every record; returns its count."""
+    import tensorflow as tf
+
+    count = 0
+    with tf.io.TFRecordWriter(out_path) as writer:
+        for batch in _read_batches(manifest, path):
+            values = batch[schema.EXPRESSION][:, columns]
+            for sid, row, label in zip(
+                batch[schema.SAMPLE_ID], values, batch[schema.LABEL]
+            ):
+                writer.write(
+                    schema.serialize_example(
+                        sid.decode("utf-8"), row, int(label), manifest.record_dtype
+                    )
+                )
+                count += 1
+    return count
+
+
 def rewrite_onto(
     data_dir: str,
     genes: Sequence[str],
@@ -53,6 +97,7 @@ def rewrite_onto(
     target_name: str = "target",
     min_overlap: float = 0.5,
     overwrite: bool = False,
+    inputs: Sequence[str | None] = (),
     command: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
@@ -65,15 +110,20 @@ def rewrite_onto(
         target_name: how the manifest and messages name the target.
         min_overlap: float, refuse when fewer than this fraction of the target genes is
             found in the dataset.
-        overwrite: bool, replace an existing `out_dir`.
+        overwrite: bool, replace an existing dataset folder written by the converter
+            (never a folder holding anything else).
+        inputs: further inputs (the target's dataset folder or gene file): `out_dir`
+            may not be, contain or lie inside them, nor `data_dir`.
         command: the command line, recorded in the manifest.
         log: callable receiving progress lines.
 
     Returns:
         The `Manifest` of the new dataset.
-    """
-    import tensorflow as tf
 
+    Raises:
+        DataError: a bad argument, input or output folder (checked before anything is
+            written; nothing is left behind).
+    """
     manifest = Manifest.load(data_dir)
     alignment = align_genes(
         manifest.genes,
@@ -82,53 +132,26 @@ def rewrite_onto(
         source_name=str(data_dir),
         target_name=target_name,
     )
+    output = OutputFolder(out_dir, overwrite, [str(data_dir), *inputs], log)
     columns = alignment.source_indices
     log(
         f"{alignment.n_matched} of {alignment.n_target} genes of {target_name} found in "
         f"{data_dir} ({manifest.n_genes} genes); writing them in {target_name}'s order"
     )
-    tmp = prepare_output(out_dir, overwrite)
-    try:
+    with output as tmp:
         data = copy.deepcopy(manifest.data)
         for split in manifest.split_names:
             for shard, path in zip(
                 data["splits"][split]["shards"], manifest.shard_paths(split)
             ):
-                out_path = os.path.join(tmp, shard["file"])
-                ds = (
-                    tf.data.TFRecordDataset(path)
-                    .batch(512)
-                    .map(
-                        lambda s: schema.parse_batch(
-                            s, manifest.n_genes, manifest.record_dtype
-                        )
-                    )
-                )
-                count = 0
-                with tf.io.TFRecordWriter(out_path) as writer:
-                    for batch in ds:
-                        values = batch[schema.EXPRESSION].numpy()[:, columns]
-                        for sid, row, label in zip(
-                            batch[schema.SAMPLE_ID].numpy(),
-                            values,
-                            batch[schema.LABEL].numpy(),
-                        ):
-                            writer.write(
-                                schema.serialize_example(
-                                    sid.decode("utf-8"),
-                                    row,
-                                    int(label),
-                                    manifest.record_dtype,
-                                )
-                            )
-                            count += 1
+                out_path = shard_path(tmp, shard["file"])
                 shard.update(
-                    num_records=count,
+                    num_records=_rewrite_shard(manifest, path, out_path, columns),
                     sha256=sha256_file(out_path),
                     bytes=os.path.getsize(out_path),
                 )
         with (
-            open_file(os.path.join(str(data_dir), SPLITS_CSV), "rb") as src,
+            open_file(join(str(data_dir), SPLITS_CSV), "rb") as src,
             open(os.path.join(tmp, SPLITS_CSV), "wb") as dst,
         ):
             dst.write(src.read())
@@ -144,10 +167,6 @@ def rewrite_onto(
         }
         data["command"] = list(command) if command is not None else list(sys.argv)
         write_json_atomic(os.path.join(tmp, MANIFEST), data)
-        finish_output(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if alignment.n_matched < alignment.n_target:
         log(
             f"note: {alignment.n_target - alignment.n_matched} genes of {target_name} "

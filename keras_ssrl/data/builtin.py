@@ -37,7 +37,10 @@ def builtin_source(
 
     if name not in BUILTIN:
         raise DataError(f"unknown built-in dataset {name!r}; choose one of {BUILTIN}")
-    data = make_synthetic(name, n_samples=n_samples, n_genes=n_genes, seed=seed)
+    try:
+        data = make_synthetic(name, n_samples=n_samples, n_genes=n_genes, seed=seed)
+    except ValueError as error:  # sizes or seed out of range: the message names them
+        raise DataError(f"--builtin {name}: {error}") from None
     return ArraySource(
         path=f"builtin:{name}",
         sample_ids=list(data.sample_ids),

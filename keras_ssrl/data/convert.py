@@ -9,15 +9,17 @@ number of samples:
    order (blocks in random order, samples permuted within a block) so that file order
    (often sorted by project or tissue) does not reach the training batches.
 
-Everything is written into a temporary folder that is renamed into place at the end: a
-failed conversion leaves nothing behind.
+Every argument is checked before anything is written, and everything is written into a
+temporary folder that is renamed into place at the end (`keras_ssrl.data.output`): a
+refused or failed conversion leaves nothing behind, and `overwrite` only ever replaces
+a dataset the converter wrote.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,8 +30,8 @@ from keras_ssrl import __version__
 from keras_ssrl.config import ConversionConfig, auto_block_size, to_dict
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError, preview
-from keras_ssrl.data.genes import GenePlan, align_genes, plan_genes
-from keras_ssrl.data.labels import apply_missing_label_policy
+from keras_ssrl.data.genes import DUPLICATE_POLICIES, GenePlan, align_genes, plan_genes
+from keras_ssrl.data.labels import MISSING_LABEL_POLICIES, apply_missing_label_policy
 from keras_ssrl.data.manifest import (
     FORMAT_NAME,
     MANIFEST,
@@ -38,6 +40,7 @@ from keras_ssrl.data.manifest import (
     sha256_file,
     write_json_atomic,
 )
+from keras_ssrl.data.output import OutputFolder
 from keras_ssrl.data.preprocessing import (
     RunningMoments,
     apply_transform,
@@ -47,6 +50,128 @@ from keras_ssrl.data.sources.base import ExpressionSource
 from keras_ssrl.data.splits import assign_splits
 
 MISSING_VALUE_POLICIES = ("error", "zero", "drop-genes")
+# A test split smaller than this (or with fewer samples of some class) measures mostly
+# noise: one sample is 3% of accuracy, and a class's recall moves in steps of 20% or
+# more. The converter warns, naming the flags that size the split.
+MIN_TEST_SAMPLES = 30
+MIN_TEST_PER_CLASS = 5
+
+
+def _finite(value) -> bool:
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _whole(value, minimum: int) -> bool:
+    return _finite(value) and float(value).is_integer() and value >= minimum
+
+
+def _require(ok: bool, flag: str, value, expected: str) -> None:
+    if not ok:
+        raise DataError(f"{flag} must be {expected}, got {value!r}")
+
+
+def validate_config(config: ConversionConfig) -> None:
+    """Refuses every setting that is invalid, before any input is read or written.
+
+    Raises:
+        DataError: naming the command-line flag, what it accepts and the value given.
+    """
+    resolve_transform(config.values, config.transform)
+    choices = {
+        "--record-dtype": (config.record_dtype, schema.RECORD_DTYPES),
+        "--missing-values": (config.missing_values, MISSING_VALUE_POLICIES),
+        "--missing-labels": (config.missing_labels, MISSING_LABEL_POLICIES),
+        "--duplicate-genes": (config.duplicate_genes, DUPLICATE_POLICIES),
+        "par_y": (config.par_y, ("drop", "keep")),
+    }
+    for flag, (value, allowed) in choices.items():
+        _require(value in allowed, flag, value, f"one of {', '.join(allowed)}")
+    _require(_whole(config.shards, 1), "--shards", config.shards, "a whole number >= 1")
+    _require(
+        config.block_size is None or _whole(config.block_size, 1),
+        "--block-size",
+        config.block_size,
+        "a whole number >= 1",
+    )
+    _require(
+        _finite(config.min_variance) and config.min_variance >= 0,
+        "min_variance",
+        config.min_variance,
+        "a number >= 0",
+    )
+    _require(
+        _finite(config.align_min_overlap) and 0 <= config.align_min_overlap <= 1,
+        "--min-overlap",
+        config.align_min_overlap,
+        "a fraction between 0 and 1",
+    )
+    split = config.split
+    for flag, size in (
+        ("--finetune-size", split.finetune_size),
+        ("--test-size", split.test_size),
+    ):
+        _require(
+            size is None or (_finite(size) and (0 <= size < 1 or _whole(size, 1))),
+            flag,
+            size,
+            "a fraction between 0 and 1 or a whole count",
+        )
+    _require(
+        _finite(split.val_fraction) and 0 <= split.val_fraction < 1,
+        "--val-fraction",
+        split.val_fraction,
+        "a fraction >= 0 and < 1",
+    )
+    _require(
+        _whole(split.min_class_size, 1),
+        "--min-class-size",
+        split.min_class_size,
+        "a whole number >= 1",
+    )
+    _require(_whole(split.seed, 0), "--seed", split.seed, "a whole number >= 0")
+
+
+def small_split_warnings(
+    split_of: np.ndarray, labels: Sequence[str | None] | None
+) -> list[str]:
+    """Warnings for a test split too small to measure anything.
+
+    Args:
+        split_of: the split name of every sample ("" for samples left out).
+        labels: the label of every sample, or None for an unlabelled source.
+
+    Returns:
+        Messages naming the split, its size and the flags that enlarge it.
+    """
+    if labels is None:
+        return []
+    warnings = []
+    classes = {labels[i] for i in np.flatnonzero(split_of != "")} - {None}
+    if len(classes) < 2:
+        warnings.append(
+            f"the labelled samples hold {len(classes)} class: fine-tuning and "
+            "evaluation need at least 2"
+        )
+    counts: dict[str, int] = {}
+    for i in np.flatnonzero(split_of == schema.TEST):
+        if labels[i] is not None:
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
+    if not counts:
+        return warnings
+    total = sum(counts.values())
+    smallest = min(sorted(counts), key=counts.get)
+    if total < MIN_TEST_SAMPLES or counts[smallest] < MIN_TEST_PER_CLASS:
+        warnings.append(
+            f"the test split has {total} samples, {counts[smallest]} of class "
+            f"{smallest!r} (fewer than {MIN_TEST_SAMPLES} samples or "
+            f"{MIN_TEST_PER_CLASS} per class): accuracy measured on it is mostly "
+            "noise; raise --test-size (by default the size of --finetune-size)"
+        )
+    return warnings
 
 
 def shard_counts(split_sizes: dict[str, int], shards: int) -> dict[str, int]:
@@ -56,39 +181,6 @@ def shard_counts(split_sizes: dict[str, int], shards: int) -> dict[str, int]:
         split: max(1, min(n, int(np.ceil(shards * n / max(largest, 1)))))
         for split, n in split_sizes.items()
     }
-
-
-def prepare_output(out_dir: str, overwrite: bool) -> str:
-    """Checks the output folder and returns a fresh temporary folder beside it."""
-    if "://" in str(out_dir):
-        raise DataError(
-            f"{out_dir}: the converter writes to a local folder; copy the result to "
-            "remote storage afterwards (the reader reads gs:// and s3:// paths)"
-        )
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        if not os.path.isdir(out_dir) or os.listdir(out_dir):
-            raise DataError(
-                f"{out_dir} already exists; choose another --out or pass --overwrite"
-            )
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def finish_output(tmp: str, out_dir: str) -> None:
-    """Moves a completed temporary folder into place (replacing an older one)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        old = f"{tmp}.old"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 class ShardWriters:
@@ -199,6 +291,7 @@ def convert(
     extra_report: dict | None = None,
     command: Sequence[str] | None = None,
     overwrite: bool = False,
+    inputs: Sequence[str | None] = (),
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Converts a source into a TFRecord dataset folder.
@@ -213,15 +306,20 @@ def convert(
         align_name: how messages and the manifest name the alignment target.
         extra_report: facts from earlier steps (label files, rules) for the manifest.
         command: the command line, recorded in the manifest.
-        overwrite: bool, replace an existing output folder (only once the new one is
-            complete).
+        overwrite: bool, replace an existing dataset folder written by the converter
+            (only once the new one is complete; a folder holding anything else is
+            refused).
+        inputs: the files and folders the source was read from (label files, rules,
+            the alignment target; `source.path` is added): `out_dir` may not be,
+            contain or lie inside any of them.
         log: callable receiving progress lines.
 
     Returns:
         The `Manifest` of the written dataset.
 
     Raises:
-        DataError: for any problem with the input; nothing is left in `out_dir`.
+        DataError: for any problem with the arguments, the input or `out_dir`; checked
+            before anything is written, and nothing is left behind.
 
     Example:
 
@@ -233,17 +331,10 @@ def convert(
     """
     config = config or ConversionConfig()
     started = time.time()
+    validate_config(config)
     transform = resolve_transform(config.values, config.transform)
-    if config.record_dtype not in schema.RECORD_DTYPES:
-        raise DataError(f"--record-dtype must be one of {schema.RECORD_DTYPES}")
-    if config.missing_values not in MISSING_VALUE_POLICIES:
-        raise DataError(
-            f"unknown --missing-values {config.missing_values!r}; choose one of "
-            f"{', '.join(MISSING_VALUE_POLICIES)}"
-        )
     block_size = config.block_size or auto_block_size(source.n_genes)
-    if config.shards < 1 or block_size < 1:
-        raise DataError("--shards and --block-size must be at least 1")
+    output = OutputFolder(out_dir, overwrite, [str(source.path), *inputs], log)
     if source.n_samples == 0:
         raise DataError(f"{source.path}: no samples")
     if source.n_genes == 0:
@@ -293,6 +384,11 @@ def convert(
     split_of = np.full(len(ids), "", dtype=object)
     split_of[kept_index] = assign_splits(kept_labels, config.split, len(kept_index))
     classes = sorted({lab for lab in kept_labels or [] if lab is not None})
+    warnings = small_split_warnings(split_of, labels)
+    for warning in warnings:
+        log(f"warning: {warning}")
+    if warnings:
+        report["warnings"] = warnings
     class_index = {c: k for k, c in enumerate(classes)}
 
     # Genes: normalise ids, merge duplicates, align to a target list if asked.
@@ -327,8 +423,7 @@ def convert(
             f"{base_plan.report['n_duplicate_ids']} gene(s) ({config.duplicate_genes})"
         )
 
-    tmp = prepare_output(out_dir, overwrite)
-    try:
+    with output as tmp:
         # Pass 1: validate every cell; statistics on the pre-training split only.
         is_pretrain = split_of == schema.PRETRAIN
         moments = RunningMoments()
@@ -483,10 +578,6 @@ def convert(
             "seconds": round(time.time() - started, 2),
         }
         write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
-        finish_output(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(
         f"wrote {written} samples x {len(kept_genes)} genes to {out_dir}: "
         + ", ".join(f"{s} {n}" for s, n in split_sizes.items())

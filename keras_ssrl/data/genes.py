@@ -210,6 +210,11 @@ def align_genes(
             gives the counts and example ids from both sides (a frequent cause is one
             side using symbols and the other Ensembl ids, or version suffixes).
     """
+    if not (isinstance(min_overlap, (int, float)) and 0 <= min_overlap <= 1):
+        # NaN fails this test too (and would otherwise accept any overlap).
+        raise DataError(
+            f"--min-overlap must be a fraction between 0 and 1, got {min_overlap!r}"
+        )
     position = {gene: i for i, gene in enumerate(source)}
     matched = [gene for gene in target if gene in position]
     alignment = Alignment(

@@ -10,7 +10,14 @@ import numpy as np
 
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
-from keras_ssrl.data.manifest import SPLITS_CSV, Manifest, join, open_file, sha256_file
+from keras_ssrl.data.manifest import (
+    MANIFEST,
+    SPLITS_CSV,
+    Manifest,
+    join,
+    open_file,
+    sha256_file,
+)
 
 
 @dataclass
@@ -26,33 +33,42 @@ class InspectionReport:
         return not self.problems
 
     def summary(self) -> str:
+        """What the dataset holds, as far as its manifest says (tolerating a damaged
+        one: the problems list says what is wrong with it)."""
         data = self.manifest.data
+        stats = (
+            data.get("statistics") if isinstance(data.get("statistics"), dict) else {}
+        )
+        labels = data.get("labels") if isinstance(data.get("labels"), list) else []
         lines = [
             f"dataset   {self.manifest.directory}",
-            f"genes     {self.manifest.n_genes} ({data['transform']} of "
-            f"{data['values']}, stored as {self.manifest.record_dtype})",
-            f"classes   {len(self.manifest.labels)}: "
-            + (", ".join(self.manifest.labels[:20]) or "(unlabelled)")
-            + (" ..." if len(self.manifest.labels) > 20 else ""),
-            f"stats     fitted on {data['statistics']['fitted_on']} "
-            f"({data['statistics']['num_samples']} samples)",
+            f"genes     {data.get('n_genes')} ({data.get('transform')} of "
+            f"{data.get('values')}, stored as {data.get('record_dtype')})",
+            f"classes   {len(labels)}: "
+            + (", ".join(map(str, labels[:20])) or "(unlabelled)")
+            + (" ..." if len(labels) > 20 else ""),
+            f"stats     fitted on {stats.get('fitted_on')} "
+            f"({stats.get('num_samples')} samples)",
         ]
+        splits = data.get("splits") if isinstance(data.get("splits"), dict) else {}
         for split in self.manifest.split_names:
-            info = self.manifest.split(split)
+            info = splits[split] if isinstance(splits[split], dict) else {}
             lines.append(
-                f"{split:<13} {info['num_records']:>8} records "
-                f"({info['num_labelled']} labelled) in {len(info['shards'])} shard(s)"
+                f"{split:<13} {info.get('num_records')!s:>8} records "
+                f"({info.get('num_labelled')} labelled) in "
+                f"{len(info.get('shards') or [])} shard(s)"
             )
-        dropped = data.get("dropped_genes", {})
-        lines.append(
-            "dropped   "
-            + ", ".join(f"{len(v)} genes ({k})" for k, v in dropped.items())
-        )
-        if data.get("alignment"):
-            a = data["alignment"]
+        dropped = data.get("dropped_genes")
+        if isinstance(dropped, dict):
             lines.append(
-                f"aligned   to {a['target']}: {a['n_matched']} of "
-                f"{a['n_target_genes']} target genes"
+                "dropped   "
+                + ", ".join(f"{len(v)} genes ({k})" for k, v in dropped.items())
+            )
+        a = data.get("alignment")
+        if isinstance(a, dict):
+            lines.append(
+                f"aligned   to {a.get('target')}: {a.get('n_matched')} of "
+                f"{a.get('n_target_genes')} target genes"
             )
         return "\n".join(lines)
 
@@ -115,6 +131,45 @@ def _check_records(manifest: Manifest, path: str, expected: int) -> tuple[int, l
     return count, ids
 
 
+def _record_width(path: str) -> int | None:
+    """Bytes of expression in the first record of a shard (None: unreadable, empty)."""
+    import tensorflow as tf
+
+    try:
+        for record in tf.data.TFRecordDataset(path).take(1):
+            parsed = tf.io.parse_single_example(record, schema.feature_spec())
+            return len(parsed[schema.EXPRESSION].numpy())
+    except (tf.errors.OpError, ValueError):
+        pass
+    return None
+
+
+def _width_mismatch(manifest: Manifest) -> str | None:
+    """A manifest whose `n_genes` / `record_dtype` disagree with every shard's records.
+
+    When the first record of every shard (two at least) holds the same number of bytes
+    and that is not what the manifest expects, the manifest is what is wrong.
+    """
+    widths = {
+        _record_width(path)
+        for split in manifest.split_names
+        for path in manifest.shard_paths(split)
+    }
+    shards = sum(len(manifest.split(s)["shards"]) for s in manifest.split_names)
+    expected = manifest.n_genes * np.dtype(manifest.record_dtype).itemsize
+    if shards < 2 or len(widths) != 1 or widths == {expected}:
+        return None
+    (width,) = widths
+    if width is None:
+        return None
+    return (
+        f"{manifest.directory}: {MANIFEST} is inconsistent with its "
+        f"records: n_genes says {manifest.n_genes} ({expected} bytes of "
+        f"{manifest.record_dtype}), every shard's records hold {width} bytes. It was "
+        "edited or belongs to another dataset: restore it or re-run the conversion"
+    )
+
+
 def inspect_dataset(directory: str, checksums: bool = True) -> InspectionReport:
     """Checks every shard of a dataset: presence, size, sha256, and every record.
 
@@ -129,6 +184,12 @@ def inspect_dataset(directory: str, checksums: bool = True) -> InspectionReport:
 
     manifest = Manifest.load(directory)
     report = InspectionReport(manifest)
+    # A manifest that contradicts itself or its records would make every shard look
+    # damaged: report that one problem instead.
+    problem = manifest.inconsistency() or _width_mismatch(manifest)
+    if problem:
+        report.problems.append(problem)
+        return report
     seen: dict[str, str] = {}
     for split in manifest.split_names:
         for shard, path in zip(

@@ -19,6 +19,7 @@ from keras_ssrl.data.errors import DataError, preview
 
 _SAMPLE_COLUMNS = ("sample", "sample_id", "sampleID", "Sample ID", "caseID", "id")
 _MISSING = {"", "na", "nan", "none", "null"}
+MISSING_LABEL_POLICIES = ("error", "unlabelled", "drop")
 
 
 def _read_text_table(path: str) -> pd.DataFrame:
@@ -139,7 +140,8 @@ def apply_missing_label_policy(
     if policy == "unlabelled":
         return labels, [], report
     raise DataError(
-        f"unknown --missing-labels {policy!r}; choose error, unlabelled or drop"
+        f"unknown --missing-labels {policy!r}; choose one of "
+        f"{', '.join(MISSING_LABEL_POLICIES)}"
     )
 
 

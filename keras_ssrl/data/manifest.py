@@ -60,12 +60,12 @@ def shard_path(directory: str, entry) -> str:
     problem = None
     if not isinstance(entry, str) or not entry:
         problem = "is not a file name"
+    elif os.path.isabs(entry) or re.match(r"^[A-Za-z]:", entry) or "://" in entry:
+        problem = "is an absolute path"
     elif "/" in entry or "\\" in entry or "\x00" in entry:
         problem = "contains a path separator"
     elif entry in (".", ".."):
         problem = "points outside the dataset folder"
-    elif os.path.isabs(entry) or re.match(r"^[A-Za-z]:", entry) or "://" in entry:
-        problem = "is an absolute path"
     if problem is None and not _is_remote(directory):
         folder = os.path.realpath(directory)
         resolved = os.path.realpath(os.path.join(directory, entry))
@@ -146,6 +146,36 @@ def genes_digest(genes: list[str]) -> str:
     return hashlib.sha256("\n".join(genes).encode("utf-8")).hexdigest()
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _split_inconsistency(name: str, split, labels: list) -> list[str]:
+    """The contradictions within one split's entry of a manifest."""
+    try:
+        shards = split["shards"]
+        counts = [shard["num_records"] for shard in shards]
+        sizes = [shard["bytes"] for shard in shards]
+        classes = dict(split.get("label_counts") or {})
+    except (KeyError, TypeError, ValueError):
+        return [f"split {name!r} is malformed"]
+    facts = []
+    if not shards or not all(_is_int(n) and n >= 0 for n in counts + sizes):
+        facts.append(f"split {name!r} lists no shards or impossible record counts")
+    elif split.get("num_records") != sum(counts):
+        facts.append(
+            f"split {name!r} says {split.get('num_records')!r} records, its shards "
+            f"{sum(counts)}"
+        )
+    unknown = sorted(set(classes) - set(labels))
+    if unknown:
+        facts.append(
+            f"split {name!r} counts classes missing from labels: "
+            + ", ".join(map(repr, unknown[:3]))
+        )
+    return facts
+
+
 @dataclass
 class Manifest:
     """A parsed `manifest.json`, with the folder it came from."""
@@ -169,7 +199,7 @@ class Manifest:
             if "NotFound" in type(error).__name__:
                 raise DataError(f"{directory}: no {MANIFEST}") from None
             raise DataError(f"{path}: unreadable manifest ({error})") from None
-        if data.get("format") != FORMAT_NAME:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise DataError(f"{path}: not a keras_ssrl dataset manifest")
         version = data.get("schema_version")
         if version != schema.SCHEMA_VERSION:
@@ -180,10 +210,69 @@ class Manifest:
         manifest = cls(directory, data)
         # Refuse a manifest that names files outside its folder before anyone reads,
         # checks or (in alignment) writes them.
-        for split in data.get("splits", {}).values():
-            for shard in split.get("shards", []):
-                shard_path(directory, shard.get("file"))
+        splits = data.get("splits")
+        for split in splits.values() if isinstance(splits, dict) else []:
+            shards = split.get("shards") if isinstance(split, dict) else None
+            for shard in shards or []:
+                shard_path(
+                    directory, shard.get("file") if isinstance(shard, dict) else shard
+                )
         return manifest
+
+    def inconsistency(self) -> str | None:
+        """What the manifest contradicts within itself, or None when nothing does.
+
+        An edited or damaged manifest (an `n_genes` that disagrees with its gene list,
+        statistics of another length, a class missing from `labels`) makes every
+        shard look damaged; naming the manifest points at the real problem.
+        """
+        data = self.data
+        facts = []
+        n_genes = data.get("n_genes")
+        if not _is_int(n_genes) or n_genes < 1:
+            facts.append(f"n_genes is {n_genes!r}, not a positive whole number")
+        genes = data.get("genes")
+        stats = data.get("statistics")
+        stats = stats if isinstance(stats, dict) else {}
+        lengths = {
+            "genes lists": genes,
+            "statistics.mean has": stats.get("mean"),
+            "statistics.std has": stats.get("std"),
+        }
+        counted = {
+            what: len(v) if isinstance(v, list) else None for what, v in lengths.items()
+        }
+        if any(n != n_genes for n in counted.values()):
+            facts.append(
+                f"n_genes says {n_genes!r}, "
+                + ", ".join(
+                    f"{what} {n if n is not None else 'nothing'}"
+                    for what, n in counted.items()
+                )
+            )
+        elif isinstance(stats.get("std"), list) and not all(
+            isinstance(v, (int, float)) and np.isfinite(v) and v > 0
+            for v in stats["std"]
+        ):
+            facts.append("statistics.std holds values that are not positive numbers")
+        if data.get("record_dtype") not in schema.RECORD_DTYPES:
+            facts.append(f"record_dtype {data.get('record_dtype')!r} is not supported")
+        labels = data.get("labels") or []
+        splits = data.get("splits")
+        if not isinstance(splits, dict) or not isinstance(labels, list):
+            facts.append("splits or labels are malformed")
+            splits = {}
+        for name, split in splits.items():
+            facts.extend(_split_inconsistency(name, split, labels))
+        if not facts:
+            return None
+        return (
+            f"{self.directory}: {MANIFEST} is inconsistent: "
+            + "; ".join(facts[:3])
+            + (f" (and {len(facts) - 3} more)" if len(facts) > 3 else "")
+            + ". It was edited or damaged: restore it from the original folder or "
+            "re-run the conversion"
+        )
 
     @property
     def n_genes(self) -> int:
@@ -211,7 +300,8 @@ class Manifest:
 
     @property
     def split_names(self) -> list[str]:
-        return [s for s in schema.SPLITS if s in self.data["splits"]]
+        splits = self.data.get("splits")
+        return [s for s in schema.SPLITS if isinstance(splits, dict) and s in splits]
 
     def split(self, name: str) -> dict:
         splits = self.data["splits"]
@@ -226,7 +316,9 @@ class Manifest:
         return int(self.split(split)["num_records"])
 
     def shard_paths(self, split: str) -> list[str]:
-        return [shard_path(self.directory, s["file"]) for s in self.split(split)["shards"]]
+        return [
+            shard_path(self.directory, s["file"]) for s in self.split(split)["shards"]
+        ]
 
     def digest(self) -> str:
         """sha256 of the manifest content: identifies the dataset a model saw."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from keras_ssrl.data import schema
-from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.errors import DamagedDataError, DataError
 from keras_ssrl.data.manifest import Manifest, sha256_file
 from keras_ssrl.data.preprocessing import standardizer
 
@@ -25,7 +25,7 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "size") -> None:
     and truncated shards); `checksum` also compares sha256 (reads every byte).
 
     Raises:
-        DataError: naming the damaged shard and what to do.
+        DamagedDataError: naming the damaged shard and what to do.
     """
     import tensorflow as tf
 
@@ -39,18 +39,18 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "size") -> None:
         try:
             size = tf.io.gfile.stat(path).length
         except tf.errors.NotFoundError:
-            raise DataError(
+            raise DamagedDataError(
                 f"{path}: shard listed in the manifest is missing; re-copy the dataset "
                 "folder or re-run the conversion"
             ) from None
         if size != shard["bytes"]:
-            raise DataError(
+            raise DamagedDataError(
                 f"{path}: shard is damaged ({size} bytes, the manifest says "
                 f"{shard['bytes']}; truncated or overwritten). Re-copy it or re-run the "
                 "conversion; tfrecords_tools/inspect.py checks a whole folder."
             )
         if mode == "checksum" and sha256_file(path) != shard["sha256"]:
-            raise DataError(
+            raise DamagedDataError(
                 f"{path}: shard is damaged (sha256 differs from the manifest). Re-copy "
                 "it or re-run the conversion."
             )
@@ -124,6 +124,9 @@ def load_dataset(
     import tensorflow as tf
 
     manifest = Manifest.load(data_dir)
+    problem = manifest.inconsistency()
+    if problem:
+        raise DamagedDataError(problem)
     files = manifest.shard_paths(split)
     verify_shards(manifest, split, verify)
     if input_context is not None:

@@ -12,6 +12,11 @@ Everything the protocol fixes (grids, AUPC interval, fine-tuning settings) comes
 `keras_ssrl.config`. Subsets are a function of (seed, p, repeat) only, so every method
 sees the same subset for a (p, repeat) and repeats differ; the test split is read only
 to score a trained model, and nothing (statistics, subsets, early stopping) uses it.
+
+Nothing is written before everything is checked (`validate`, `check_out`,
+`check_data`): a refused request leaves no trace. One process writes each results
+table: its writer holds `evaluation_lock(out_dir, shard)`, and a second one is refused.
+Every row read back (to resume or merge) is checked (`read_results`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,16 +40,25 @@ from keras_ssrl.config import (
     FinetuneConfig,
     PretrainConfig,
 )
-from keras_ssrl.data.manifest import atomic_path, write_csv_atomic, write_json_atomic
+from keras_ssrl.data.manifest import (
+    Manifest,
+    atomic_path,
+    genes_digest,
+    write_csv_atomic,
+    write_json_atomic,
+)
+from keras_ssrl.files import LOCK_FILE, FolderLock, remove_stale_temporaries
 from keras_ssrl.finetuning import (
     BASELINE,
     FinetuneData,
     Finetuner,
+    check_labelled_splits,
     classification_metrics,
     load_encoder_weights,
     load_finetune_data,
     stratified_subset,
     subset_seed,
+    validate_finetune_config,
 )
 
 LOGREG = "logreg"
@@ -57,6 +73,8 @@ RESULT_COLUMNS = (
     "seconds",
 )  # fmt: skip
 KEY_COLUMNS = ("setting", "method", "mode", "architecture", "q", "p", "repeat")
+KINDS = ("label-efficiency", "architectures", "pretrain-size")
+SETTINGS = ("tcga", "archs4", "archs4_to_tcga", "custom")
 
 
 class ProtocolError(ValueError):
@@ -175,6 +193,9 @@ def results_name(shard: tuple[int, int] | None) -> str:
 # ---------------------------------------------------------------------- experiments
 
 
+GRID_FIELDS = ("methods", "modes", "fractions", "depths", "widths", "pretrain_sizes")
+
+
 @dataclasses.dataclass
 class Experiment:
     """Everything an experiment needs, recorded in `experiment.json`.
@@ -221,10 +242,11 @@ class Experiment:
     def from_json(cls, data: dict) -> Experiment:
         data = dict(data)
         data["finetune"] = FinetuneConfig(**data["finetune"])
-        for name in ("methods", "modes", "fractions", "depths", "widths",
-                     "pretrain_sizes"):  # fmt: skip
+        for name in GRID_FIELDS:
             data[name] = tuple(data[name])
-        return cls(**data)
+        # Folders written before repeated grid values were merged hold them twice;
+        # reading them merged lets those sweeps resume and complete.
+        return deduplicated(cls(**data))[0]
 
     def comparable(self) -> dict:
         """The fields that must match to resume or merge into the same folder."""
@@ -249,27 +271,111 @@ def architecture_of_runs(runs: dict[str, str]) -> tuple[int, int]:
     return shapes.pop()
 
 
+def _grid_text(value) -> str:
+    """How a grid value is recorded in results (p and q to 6 significant digits)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def deduplicated(experiment: Experiment) -> tuple[Experiment, list[str]]:
+    """The experiment with repeated grid values dropped, and a note per drop.
+
+    A grid is a set of values: `--fractions 0.1,0.1` asks for nothing more than
+    `0.1`, but planning it twice would give two runs one results key, and a sweep
+    that never completes. Values that results record identically (p and q to 6
+    significant digits) are the same value; the first one is kept.
+    """
+    changes, notes = {}, []
+    for name in GRID_FIELDS:
+        kept, seen = [], {}
+        for value in getattr(experiment, name):
+            text = _grid_text(value)
+            if text in seen:
+                notes.append(
+                    f"{name}: {text} is given twice; it is planned once"
+                    if value == seen[text]
+                    else f"{name}: {value!r} and {seen[text]!r} are one value in "
+                    f"results ({text}); {seen[text]!r} is planned"
+                )
+                continue
+            seen[text] = value
+            kept.append(value)
+        if len(kept) != len(getattr(experiment, name)):
+            changes[name] = tuple(kept)
+    return dataclasses.replace(experiment, **changes), notes
+
+
+def aupc_fractions(experiment: Experiment) -> list[float]:
+    """The sorted fractions inside the AUPC interval; an error when fewer than two."""
+    low, high = AUPC_RANGE
+    fractions = sorted(
+        float(p) for p in experiment.fractions if low - 1e-9 <= p <= high + 1e-9
+    )
+    if len(fractions) < 2:
+        raise ProtocolError(
+            f"AUPC needs at least two fractions in [{low}, {high}]; the grid has "
+            f"{len(fractions)} ({', '.join(f'{p:g}' for p in experiment.fractions)})"
+        )
+    return fractions
+
+
+def _in_unit_interval(name: str, values: Iterable[float]) -> None:
+    for value in values:
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            raise ProtocolError(f"{name}: {value} is not in (0, 1]")
+
+
+def _at_least(name: str, values: Iterable[int], minimum: int) -> None:
+    for value in values:
+        if value < minimum:
+            raise ProtocolError(f"{name} must be >= {minimum}, got {value}")
+
+
 def validate(experiment: Experiment) -> None:
-    unknown = set(experiment.methods) - set(METHODS)
+    """Checks every setting of the experiment; raises an error naming one.
+
+    Called before anything is written, so a refused request leaves no trace.
+
+    Raises:
+        ProtocolError: naming the setting (by its evaluate.py flag) and the value.
+        FinetuneError: a fine-tuning setting (`validate_finetune_config`).
+    """
+    e = experiment
+    if e.kind not in KINDS:
+        raise ProtocolError(f"unknown experiment {e.kind!r}; choose among {KINDS}")
+    if e.setting not in SETTINGS:
+        raise ProtocolError(f"unknown setting {e.setting!r}; choose among {SETTINGS}")
+    if not e.methods:
+        raise ProtocolError("no methods given")
+    unknown = set(e.methods) - set(METHODS)
     if unknown:
         raise ProtocolError(
             f"unknown method(s) {sorted(unknown)}; choose among {', '.join(METHODS)}"
         )
-    bad_modes = set(experiment.modes) - {"frozen", "unfrozen"}
-    if bad_modes or not experiment.modes:
-        raise ProtocolError(
-            f"modes must be among frozen, unfrozen; got {experiment.modes}"
-        )
-    if not experiment.fractions:
+    bad_modes = set(e.modes) - {"frozen", "unfrozen"}
+    if bad_modes or not e.modes:
+        raise ProtocolError(f"modes must be among frozen, unfrozen; got {e.modes}")
+    if not e.fractions:
         raise ProtocolError("no label fractions given")
-    for p in experiment.fractions:
-        if not 0.0 < p <= 1.0:
-            raise ProtocolError(f"label fraction {p} is not in (0, 1]")
-    for q in experiment.pretrain_sizes:
-        if not 0.0 < q <= 1.0:
-            raise ProtocolError(f"pre-training fraction {q} is not in (0, 1]")
-    if experiment.repeats < 1:
-        raise ProtocolError(f"repeats must be >= 1, got {experiment.repeats}")
+    _in_unit_interval("label fraction (--fractions)", e.fractions)
+    if not e.pretrain_sizes:
+        raise ProtocolError("no pre-training sizes given")
+    _in_unit_interval("pre-training fraction (--sizes)", e.pretrain_sizes)
+    if not e.depths or not e.widths:
+        raise ProtocolError("no encoder depths or widths given")
+    _at_least("encoder depth (--depths, --layers)", e.depths, 1)
+    _at_least("encoder width (--widths, --width)", e.widths, 1)
+    _at_least("--repeats", [e.repeats], 1)
+    _at_least("--pretrain-epochs", [e.pretrain_epochs], 1)
+    _at_least("--seed", [e.seed], 0)  # numpy's SeedSequence takes no negative seed
+    validate_finetune_config(e.finetune)
+    foreign = set(e.pretrained) - set(SSL_METHODS)
+    if foreign:
+        raise ProtocolError(
+            f"--pretrained names {', '.join(sorted(foreign))}; pre-trained encoders "
+            f"are for {', '.join(SSL_METHODS)}"
+        )
+    if e.kind in ("label-efficiency", "architectures"):
+        aupc_fractions(e)  # summarised by AUPC: refuse a grid it cannot integrate
 
 
 def build_units(experiment: Experiment) -> list[Unit]:
@@ -348,15 +454,89 @@ def row_key(row: dict) -> tuple[str, ...]:
     return tuple(str(row[c]) for c in KEY_COLUMNS)
 
 
+# What a cell of each results column must hold: (parse, check, what it should be).
+_FRACTION = (float, lambda v: math.isfinite(v) and 0.0 < v <= 1.0, "a number in (0, 1]")
+_METRIC = (float, lambda v: math.isfinite(v) and 0.0 <= v <= 1.0, "a number in [0, 1]")
+_COUNT = (int, lambda v: v >= 0, "an integer >= 0")
+_CELLS = {
+    "setting": (str, lambda v: v in SETTINGS, f"one of {', '.join(SETTINGS)}"),
+    "method": (str, lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "mode": (str, lambda v: v in (NO_MODE, "frozen", "unfrozen"),
+             "none, frozen or unfrozen"),
+    "architecture": (str, lambda v: re.fullmatch(r"[1-9]\d*x[1-9]\d*", v),
+                     "LAYERSxWIDTH"),
+    "q": _FRACTION, "p": _FRACTION,
+    "repeat": _COUNT, "seed": _COUNT,
+    "n_train": (int, lambda v: v >= 1, "an integer >= 1"),
+    "accuracy": _METRIC, "balanced_accuracy": _METRIC, "macro_f1": _METRIC,
+    "epochs": _COUNT, "best_epoch": _COUNT,
+    "seconds": (float, lambda v: math.isfinite(v) and v >= 0.0, "a number >= 0"),
+}  # fmt: skip
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with one row of a results table (None: nothing)."""
+    values = {}
+    for column in RESULT_COLUMNS:
+        text = row[column]
+        if text is None or not text.strip():
+            return f"{column} is empty"
+        parse, check, expected = _CELLS[column]
+        try:
+            values[column] = parse(text)
+        except ValueError:
+            return f"{column} is {text!r}, not {expected}"
+        if not check(values[column]):
+            return f"{column} is {text!r}, not {expected}"
+    # Networks train at least one epoch and restore one of them; logistic
+    # regression has no epochs (0, 0).
+    least = 0 if values["method"] == LOGREG else 1
+    if not least <= values["best_epoch"] <= values["epochs"]:
+        return (
+            f"epochs {values['epochs']} and best_epoch {values['best_epoch']} are "
+            f"impossible for {values['method']}"
+        )
+    return None
+
+
 def read_results(path: str) -> list[dict]:
+    """The rows of a results table, every cell checked.
+
+    Raises:
+        ProtocolError: naming the file and line (the header is line 1) of the first
+            row that is cut (a writer stopped mid-row), incomplete or impossible.
+    """
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(RESULT_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ProtocolError(
-                f"{path}: not a results table (missing columns {sorted(missing)})"
+        text = handle.read()
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    missing = set(RESULT_COLUMNS) - set(header)
+    if missing:
+        raise ProtocolError(
+            f"{path}: not a results table (missing columns {sorted(missing)})"
+        )
+    rows = []
+    for cells in reader:
+        if not cells:
+            continue  # a blank line holds no run
+        line = reader.line_num
+        cut = reader.line_num == text.count("\n") + 1 and not text.endswith("\n")
+        if cut or len(cells) != len(header):
+            problem = (
+                "the row is cut (no end of line)"
+                if cut
+                else f"{len(cells)} fields, the header has {len(header)}"
             )
-        return list(reader)
+        else:
+            row = dict(zip(header, cells))
+            problem = _row_problem(row)
+        if problem:
+            raise ProtocolError(
+                f"{path}, line {line}: {problem}; the table is damaged: remove that "
+                "line (or the file) and rerun the same command to redo its runs"
+            )
+        rows.append(row)
+    return rows
 
 
 def write_results(path: str, rows: Iterable[dict]) -> None:
@@ -470,6 +650,45 @@ def align_pair(
         rewrite_onto(finetune_dir, Manifest.load(source).genes, target,
                      target_name=name(source), log=log)  # fmt: skip
     return source, target
+
+
+def check_data(
+    experiment: Experiment, out_dir: str | None = None, log=print
+) -> list[str]:
+    """Checks the experiment's datasets and encoders; writes nothing in OUT.
+
+    Built-in data is converted into its cache first. Everything a run would later
+    stop on is checked here: the folders (OUT must not be inside a dataset), the
+    classes, the records of the fine-tuning splits, the genes pre-training and
+    fine-tuning share, and the `--pretrained` encoders.
+
+    Returns:
+        Warnings for the user (a test split too small to measure much).
+    """
+    from keras_ssrl.training import check_outside
+
+    pretrain_dir, finetune_dir = setting_data(experiment, log=log)
+    for flag, folder in (("--data", finetune_dir), ("--pretrain-data", pretrain_dir)):
+        if not os.path.isdir(folder):
+            raise ProtocolError(f"{flag} {folder}: no such folder")
+        if out_dir is not None:
+            check_outside(out_dir, folder, "evaluation folder", ProtocolError)
+    finetune = Manifest.load(finetune_dir)
+    warnings = check_labelled_splits(finetune)  # fewer than 2 classes: refused
+    if any(m in SSL_METHODS for m in experiment.methods):
+        pretrain = Manifest.load(pretrain_dir)
+        if genes_digest(pretrain.genes) != genes_digest(finetune.genes):
+            raise ProtocolError(
+                f"--pretrain-data {pretrain_dir} and --data {finetune_dir} hold "
+                f"different genes ({pretrain.n_genes} and {finetune.n_genes}); an "
+                "encoder pre-trained on one cannot read the other: align them with "
+                "tfrecords_tools/align.py"
+            )
+    load_finetune_data(os.path.abspath(finetune_dir))  # names damaged shards
+    for method, run_dir in experiment.pretrained.items():
+        if method in experiment.methods:
+            load_encoder_weights(run_dir, finetune)
+    return warnings
 
 
 def pretrain_root(experiment: Experiment, out_dir: str) -> str:
@@ -593,35 +812,132 @@ class Runner:
         }  # fmt: skip
 
 
-def prepare_out(experiment: Experiment, out_dir: str) -> None:
-    """Creates OUT with `experiment.json`, or checks that it holds the same experiment."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, EXPERIMENT_JSON)
+def lock_name(shard: tuple[int, int] | None) -> str:
+    """The lock file of the process writing `results_name(shard)`.
+
+    The shards of one sweep write one folder, each its own table: each takes its own
+    lock, so that only two processes writing the same table refuse each other. The
+    unsharded sweep and `merge` (which write `results.csv`) share the folder's lock.
+    """
+    if shard is None:
+        return LOCK_FILE
+    return f"{LOCK_FILE.removesuffix('.lock')}.shard-{shard[0]}-of-{shard[1]}.lock"
+
+
+def evaluation_lock(out_dir: str, shard: tuple[int, int] | None = None) -> FolderLock:
+    """The exclusive lock of the process writing `out_dir`'s table of `shard`."""
+    return FolderLock(out_dir, "evaluation folder", name=lock_name(shard))
+
+
+# A temporary `atomic_path` name (NAME.tmp-PID[.ext]): a writer killed mid-write
+# leaves it behind.
+TEMPORARY = r".+\.tmp-(?P<pid>\d+)(\.[A-Za-z]+)?"
+
+
+def _is_ours(name: str) -> bool:
+    """Whether a name in an evaluation folder is a lock file or a temporary of ours."""
+    lock = name.startswith(LOCK_FILE.removesuffix(".lock")) and name.endswith(".lock")
+    return lock or re.fullmatch(TEMPORARY, name) is not None
+
+
+def check_writable_folder(path: str, flag: str = "--out") -> None:
+    """Refuses a `path` that is not a folder, or cannot be created as one."""
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            saved = Experiment.from_json(json.load(handle))
-        if saved.comparable() != experiment.comparable():
-            diff = sorted(
-                k
-                for k, v in experiment.comparable().items()
-                if saved.comparable().get(k) != v
-            )
+        if not os.path.isdir(path):
+            raise ProtocolError(f"{flag} {path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ProtocolError(f"{flag} {path} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ProtocolError(
+            f"{flag} {path} cannot be created: {parent} is not a writable folder"
+        )
+
+
+def check_out(experiment: Experiment, out_dir: str) -> None:
+    """Refuses an `out_dir` that cannot hold this experiment; writes nothing.
+
+    It must be new, empty, or an experiment folder of the same experiment (to
+    resume): a folder of other files is refused, since a sweep would write its
+    tables over files of the same name.
+    """
+    check_writable_folder(out_dir)
+    if not os.path.isdir(out_dir):
+        return
+    path = os.path.join(out_dir, EXPERIMENT_JSON)
+    if not os.path.exists(path):
+        foreign = sorted(n for n in os.listdir(out_dir) if not _is_ours(n))
+        if foreign:
             raise ProtocolError(
-                f"{out_dir} holds another experiment (differs in {', '.join(diff)}); "
-                "choose another --out, or rerun with the same arguments to resume"
+                f"--out {out_dir} holds other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}) and no {EXPERIMENT_JSON}; "
+                "choose a new or empty folder"
             )
-    else:
+        return
+    saved = load_experiment(out_dir)
+    if saved.comparable() != experiment.comparable():
+        diff = sorted(
+            k
+            for k, v in experiment.comparable().items()
+            if saved.comparable().get(k) != v
+        )
+        raise ProtocolError(
+            f"{out_dir} holds another experiment (differs in {', '.join(diff)}); "
+            "choose another --out, or rerun with the same arguments to resume"
+        )
+    check_tables(out_dir)
+
+
+def results_tables(out_dir: str) -> list[str]:
+    """The names of the results tables in `out_dir` (merged and shards), sorted."""
+    return sorted(
+        n
+        for n in os.listdir(out_dir)
+        if n.startswith(f"{RESULTS}.") and n.endswith(".csv")
+    )
+
+
+def check_tables(out_dir: str) -> None:
+    """Reads every results table of `out_dir`; a damaged row is an error (see
+    `read_results`). A resume or merge would stop on it: it is refused first."""
+    for name in results_tables(out_dir):
+        read_results(os.path.join(out_dir, name))
+
+
+def prepare_out(experiment: Experiment, out_dir: str, log=print) -> None:
+    """Creates OUT with `experiment.json`, or checks that it holds the same experiment.
+
+    Temporaries left by writers that were killed (their PID gone) are removed.
+    """
+    check_out(experiment, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir, TEMPORARY, log=log)
+    path = os.path.join(out_dir, EXPERIMENT_JSON)
+    if not os.path.exists(path):
         write_json_atomic(path, experiment.to_json())
 
 
 def load_experiment(out_dir: str) -> Experiment:
     path = os.path.join(out_dir, EXPERIMENT_JSON)
+    if not os.path.isdir(out_dir):
+        raise ProtocolError(f"{out_dir}: no such folder")
     if not os.path.exists(path):
         raise ProtocolError(
             f"{out_dir}: no {EXPERIMENT_JSON}; not an experiment folder"
         )
-    with open(path, encoding="utf-8") as handle:
-        return Experiment.from_json(json.load(handle))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            experiment = Experiment.from_json(json.load(handle))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ProtocolError(
+            f"{path}: unreadable ({type(error).__name__}: {error}); it is written by "
+            "the sweep that started this folder"
+        ) from None
+    validate(experiment)
+    return experiment
 
 
 def run_experiment(
@@ -634,14 +950,17 @@ def run_experiment(
     """Runs (or resumes) the experiment's runs of one shard; returns the results path.
 
     Rows already in the shard's table, or in a merged `results.csv`, are skipped.
+    The caller holds `evaluation_lock(out_dir, shard)`.
     """
-    prepare_out(experiment, out_dir)
+    check_out(experiment, out_dir)
     units = shard_units(build_units(experiment), shard)
+    # Tables are read (and checked) before anything is written.
     table = ResultsTable(os.path.join(out_dir, results_name(shard)))
     merged = os.path.join(out_dir, results_name(None))
     done = set(table.keys)
     if shard is not None and os.path.exists(merged):
         done |= {row_key(r) for r in read_results(merged)}
+    prepare_out(experiment, out_dir, log=log)
     todo = [(u, r) for u in units for r in u.runs if r.key not in done]
     total = sum(len(u.runs) for u in units)
     label = experiment.kind + (f" shard {shard[0]}/{shard[1]}" if shard else "")
@@ -666,18 +985,18 @@ def run_experiment(
 def merge(out_dir: str, log=print) -> tuple[str, int]:
     """Joins `results.shard-*.csv` (and any `results.csv`) into `results.csv`.
 
+    Every row of every file is checked first; nothing is written when one is cut,
+    incomplete or impossible. The caller holds `evaluation_lock(out_dir)`.
+
     Returns:
         (path, number of runs of the experiment still missing).
 
     Raises:
-        ProtocolError: two files disagree on a run's result.
+        ProtocolError: a damaged row (naming file and line), or two files disagree
+            on a run's result.
     """
     experiment = load_experiment(out_dir)
-    names = sorted(
-        n
-        for n in os.listdir(out_dir)
-        if n.startswith(f"{RESULTS}.") and n.endswith(".csv")
-    )
+    names = results_tables(out_dir)
     rows: dict[tuple, dict] = {}
     for name in names:
         for row in read_results(os.path.join(out_dir, name)):
@@ -739,14 +1058,7 @@ def gain_table(frame, experiment: Experiment, n_boot: int = 2000):
     from keras_ssrl.evaluation.aupc import aupc, paired_bootstrap_gain
 
     low, high = AUPC_RANGE
-    fractions = sorted(
-        float(p) for p in experiment.fractions if low - 1e-9 <= p <= high + 1e-9
-    )
-    if len(fractions) < 2:
-        raise ProtocolError(
-            f"AUPC needs at least two fractions in [{low}, {high}]; the grid has "
-            f"{len(fractions)}"
-        )
+    fractions = aupc_fractions(experiment)
     rows = []
     groups = frame.groupby(["architecture", "q", "method", "mode"], sort=True)
     base_arch = f"{experiment.depths[0]}x{experiment.widths[0]}"
@@ -841,20 +1153,15 @@ def run_collapse(
             run's architecture (the reference without pre-training).
     """
     import keras
-    import pandas as pd
 
     from keras_ssrl.data import schema
     from keras_ssrl.data.reader import load_dataset
     from keras_ssrl.encoders import build_encoder
-    from keras_ssrl.evaluation.collapse import (
-        COLLAPSE_THRESHOLD,
-        collapse_metrics,
-        covariance_spectrum,
-    )
     from keras_ssrl.training import ENCODER_FILE, load_run_config
 
     if not runs:
         raise ProtocolError("collapse needs at least one pre-training run (--runs)")
+    check_writable_folder(out_dir)
     encoders = {}
     for name, run_dir in runs.items():
         path = os.path.join(run_dir, ENCODER_FILE)
@@ -862,7 +1169,13 @@ def run_collapse(
             raise ProtocolError(
                 f"{run_dir}: no {ENCODER_FILE}; not a finished pre-training run"
             )
-        encoders[name] = keras.saving.load_model(path, compile=False)
+        try:
+            encoders[name] = keras.saving.load_model(path, compile=False)
+        except Exception as error:  # noqa: BLE001 - Keras raises many kinds
+            raise ProtocolError(
+                f"{path}: cannot be loaded ({type(error).__name__}); resume or redo "
+                "the pre-training run"
+            ) from None
     if data_dir is None:
         data_dir = (
             (load_run_config(next(iter(runs.values()))) or {})
@@ -871,6 +1184,13 @@ def run_collapse(
         )
         if data_dir is None:
             raise ProtocolError("pass --data: the runs do not record their dataset")
+    n_genes = Manifest.load(data_dir).n_genes
+    for name, encoder in encoders.items():
+        if encoder.input_shape[-1] != n_genes:
+            raise ProtocolError(
+                f"{name}: the encoder takes {encoder.input_shape[-1]} genes, "
+                f"{data_dir} has {n_genes}"
+            )
     first = next(iter(encoders.values()))
     if random_baseline:
         keras.utils.set_random_seed(0)
@@ -882,14 +1202,21 @@ def run_collapse(
     xs = [
         x for x in load_dataset(data_dir, schema.PRETRAIN_VAL, 1024, with_labels=False)
     ]
-    os.makedirs(out_dir, exist_ok=True)
+    with evaluation_lock(out_dir):
+        return _write_collapse(encoders, xs, out_dir, log)
+
+
+def _write_collapse(encoders: dict, xs: list, out_dir: str, log) -> list[str]:
+    import pandas as pd
+
+    from keras_ssrl.evaluation.collapse import (
+        COLLAPSE_THRESHOLD,
+        collapse_metrics,
+        covariance_spectrum,
+    )
+
     rows, spectra, long_rows = [], {}, []
     for name, encoder in encoders.items():
-        if encoder.input_shape[-1] != xs[0].shape[-1]:
-            raise ProtocolError(
-                f"{name}: the encoder takes {encoder.input_shape[-1]} genes, {data_dir} "
-                f"has {xs[0].shape[-1]}"
-            )
         z = np.concatenate([encoder(x, training=False).numpy() for x in xs])
         values = covariance_spectrum(z)
         spectra[name] = values

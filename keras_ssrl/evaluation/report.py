@@ -93,6 +93,31 @@ def label_efficiency_findings(path: str) -> str:
     return "Here:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+def data_warnings(out_dir: str) -> str:
+    """Warnings about the fine-tuning data of the experiments under `out_dir`.
+
+    A test split too small to measure much is said next to the numbers it makes
+    coarse. Built-in data is large enough and is not checked.
+    """
+    from keras_ssrl.data.errors import DataError
+    from keras_ssrl.data.manifest import Manifest
+    from keras_ssrl.evaluation import protocol
+    from keras_ssrl.finetuning import FinetuneError, check_labelled_splits
+
+    warnings: list[str] = []
+    for name in ("label-efficiency", "architectures", "pretrain-size"):
+        folder = os.path.join(out_dir, name)
+        if not os.path.exists(os.path.join(folder, protocol.EXPERIMENT_JSON)):
+            continue
+        try:
+            data = protocol.load_experiment(folder).finetune_data
+            found = check_labelled_splits(Manifest.load(data)) if data else []
+        except (protocol.ProtocolError, DataError, FinetuneError):
+            continue  # the sweeps themselves report these
+        warnings += [w for w in found if w not in warnings]
+    return "".join(f"> **Warning**: {w}\n\n" for w in warnings)
+
+
 def _figure(out_dir: str, relative: str, caption: str) -> str:
     if not os.path.exists(os.path.join(out_dir, relative)):
         return f"_missing figure: {relative}_\n"
@@ -110,6 +135,7 @@ def write_report(out_dir: str, preset: str, setting: str) -> str:
         "AUPC is integrated over p in [0.02, 0.3]; the gain is over the "
         "non-pre-trained baseline of the same architecture, with a 95% paired "
         "bootstrap interval over repeats.\n",
+        data_warnings(out_dir),
         "## Label efficiency (Figure 3)\n",
         f"Paper: {PAPER_FINDINGS['label-efficiency']}\n",
         _figure(out_dir, "label-efficiency/label_efficiency.png", "label efficiency"),

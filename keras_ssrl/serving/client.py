@@ -141,21 +141,28 @@ def align_to_model(
     """Puts a `(samples, genes)` block in the model's gene order.
 
     Gene ids are matched without Ensembl version suffix (`strip_version`, as the
-    converter does), and duplicated ids are merged by `duplicate_genes` (the converter's
-    `plan_genes` policies).
+    converter does), and columns of one id are merged by `duplicate_genes` (`sum`,
+    `mean` or `first`, the converter's `plan_genes` policies) or refused (`error`,
+    the default). Only the model's genes matter: duplicates among the genes it
+    ignores are ignored too.
 
     Returns:
         `(float32 array (samples, len(model_genes)), number of genes ignored)`.
 
     Raises:
-        DataError: model genes missing from the input (named), or duplicate ids.
+        DataError: model genes missing from the input (named), or duplicate ids of
+            model genes under `error` (named, with the client's `--duplicate-genes`).
     """
+    refuse = duplicate_genes == "error"
     plan = plan_genes(
         list(genes), path, strip_versions=True, par_y="keep",
-        duplicate_genes=duplicate_genes,
+        duplicate_genes="first" if refuse else duplicate_genes,
     )  # fmt: skip
     position = {g: i for i, g in enumerate(plan.genes)}
     wanted = [strip_version(g) for g in model_genes]
+    if refuse:
+        used = [position[w] for w in wanted if w in position]
+        _refuse_duplicate_genes(plan, used, path)
     missing = [g for g, w in zip(model_genes, wanted) if w not in position]
     if missing:
         raise DataError(
@@ -169,6 +176,47 @@ def align_to_model(
     return np.ascontiguousarray(
         merged[:, columns], dtype=np.float32
     ), plan.n_genes - len(columns)
+
+
+def _refuse_duplicate_genes(plan, used: Sequence[int], path: str) -> None:
+    """Raises `DataError` naming the model genes that have several input columns."""
+    groups = [(plan.genes[i], plan.groups[i]) for i in used]
+    duplicated = [
+        f"{gene} (input genes {', '.join(str(c + 1) for c in columns[:4])})"
+        for gene, columns in groups
+        if len(columns) > 1
+    ]
+    if duplicated:
+        raise DataError(
+            f"{path}: {len(duplicated)} of the model's gene id(s) occur more than once "
+            f"(ids compared without version suffix), e.g. {preview(duplicated, 5)}. "
+            "Choose how to merge them with --duplicate-genes sum|mean|first (sum adds "
+            "the counts of the columns)."
+        )
+
+
+def _refuse_duplicate_samples(sample_ids: Sequence[str], path: str, row_name) -> None:
+    """Raises `DataError` naming sample ids that occur more than once.
+
+    Each row of the predictions CSV is keyed by its sample id: two samples with one id
+    would give two predictions nobody can tell apart.
+    """
+    seen: dict[str, int] = {}
+    duplicated: dict[str, list[int]] = {}
+    for i, sid in enumerate(sample_ids):
+        sid = str(sid)
+        if sid in seen:
+            duplicated.setdefault(sid, [seen[sid]]).append(i)
+        else:
+            seen[sid] = i
+    if duplicated:
+        rows = next(iter(duplicated.values()))[:2]
+        raise DataError(
+            f"{path}: {len(duplicated)} sample id(s) occur more than once: "
+            f"{preview(duplicated, 5)}; e.g. {' and '.join(map(row_name, rows))}. "
+            "Predictions are keyed by sample id, so ids must be unique: rename or drop "
+            "the duplicates."
+        )
 
 
 def check_finite(x: np.ndarray, sample_ids: Sequence[str], genes: Sequence[str], path):
@@ -213,6 +261,7 @@ def read_table_samples(
         path, fmt=fmt, sample_column=sample_column, label_column=label_column,
         genes_as_rows=genes_as_rows,
     )  # fmt: skip
+    _refuse_duplicate_samples(source.sample_ids, path, source.row_name)
     x, ignored = align_to_model(
         source.genes, source.values, info.genes, path, duplicate_genes
     )
@@ -223,7 +272,13 @@ def read_table_samples(
 
 
 def read_record_samples(data_dir: str, split: str, info: ModelInfo) -> Samples:
-    """Reads a converted TFRecord split as serialized records, for `predict_examples`."""
+    """Reads a converted TFRecord split as serialized records, for `predict_examples`.
+
+    Raises:
+        DataError: a manifest naming files outside its folder, another gene list,
+            transform or record dtype than the model's; `DamagedDataError` for a shard
+            that is missing or differs from its manifest checksum.
+    """
     import tensorflow as tf
 
     from keras_ssrl.data.manifest import Manifest
@@ -252,7 +307,9 @@ def read_record_samples(data_dir: str, split: str, info: ModelInfo) -> Samples:
                 f"{data_dir}: records are {key} {have!r}, the model expects "
                 f"{data[key]!r}; re-convert with the model's settings"
             )
-    verify_shards(manifest, split, "size")
+    # Every byte is sent anyway: check them all first, so a damaged shard is named
+    # (DamagedDataError) rather than failing mid-way as "corrupted record at N".
+    verify_shards(manifest, split, "checksum")
     records = [r.numpy() for r in tf.data.TFRecordDataset(manifest.shard_paths(split))]
     if not records:
         raise DataError(f"{data_dir}: split {split!r} holds no records")
@@ -504,6 +561,57 @@ class LocalModel:
 
 
 # --------------------------------------------------------------------- the run
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _is_predictions_csv(path: str) -> bool:
+    """Whether `path` starts like a CSV this client wrote (`predictions_frame`)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            header = handle.readline().rstrip("\r\n").split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return header[0] == "sample_id" and (
+        "class_name" in header or "embedding_0" in header
+    )
+
+
+def check_output(out: str, inputs: Sequence[str | None]) -> None:
+    """Refuses an `--out` that would replace something other than earlier predictions.
+
+    The predictions CSV is written atomically over `out`, so `out` may only be a new
+    file or a predictions CSV of this client: never an input (the samples table, a
+    file in the records folder or in the model folder) or any other existing file.
+
+    Raises:
+        DataError: naming `out` and why, before any input is read.
+    """
+    out = os.fspath(out)
+    if os.path.isdir(out):
+        raise DataError(f"--out {out}: is a folder; name the predictions CSV file")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise DataError(f"--out {out}: no folder {parent}; create it first")
+    for source in filter(None, inputs):
+        if _inside(out, source):
+            where = (
+                "an input file"
+                if os.path.isfile(source)
+                else f"inside the input folder {source}"
+            )
+            raise DataError(
+                f"--out {out} is {where}; the predictions would replace it. Choose "
+                "another --out."
+            )
+    if os.path.lexists(out) and not _is_predictions_csv(out):
+        raise DataError(
+            f"--out {out} exists and is not a predictions CSV of export/client.py; it "
+            "is never replaced. Choose another --out, or remove it yourself."
+        )
 
 
 def predict(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import operator
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -45,8 +46,14 @@ import numpy as np
 from keras_ssrl import __version__
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
-from keras_ssrl.data.manifest import Manifest, genes_digest, write_json_atomic
+from keras_ssrl.data.manifest import (
+    MANIFEST,
+    Manifest,
+    genes_digest,
+    write_json_atomic,
+)
 from keras_ssrl.data.preprocessing import apply_transform, standardizer
+from keras_ssrl.files import FolderLock, remove_stale_temporaries
 
 ENCODER = "encoder"
 CLASSIFIER = "classifier"
@@ -67,6 +74,9 @@ GENES_TXT = "genes.txt"
 CLASS_NAMES_TXT = "class_names.txt"
 MANIFEST_DIGEST_TXT = "manifest_sha256.txt"
 MODEL_CARD_JSON = "model_card.json"
+# A version being written is `MODEL_BASE/.tmp-<version>-<pid>` (TF Serving loads only
+# integer-named folders); one whose process is gone was left by a killed export.
+STALE_TEMPORARY = r"\.tmp-\d+-(?P<pid>\d+)"
 
 SERVABLE_TRANSFORMS = ("log2p1", "log1p", "none")
 # Values whose source had to be non-negative (the converter rejects negative ones).
@@ -75,12 +85,23 @@ _NON_NEGATIVE_VALUES = ("counts", "tpm")
 # Served outputs vs the Keras model on the same raw input (numpy transform of the
 # converter, manifest standardisation, Keras call): |served - keras| <= atol + rtol *
 # |keras| element-wise. The graph computes log2(x + 1) as log1p(x) / ln 2, within a few
-# float32 ulps of numpy's log2; float32 models agree to about 1e-5. Mixed-precision
-# models compute in 16 bits, hence the wider bound.
-TOLERANCE = {
-    "float32": {"atol": 1e-5, "rtol": 1e-4},
-    "mixed": {"atol": 1e-2, "rtol": 1e-2},
-}
+# float32 ulps of numpy's log2; float32 models agree to about 1e-5.
+TOLERANCE = {"float32": {"atol": 1e-5, "rtol": 1e-4}}
+# Models computing in 16 bits (mixed_float16 / mixed_bfloat16 policies, or plain
+# float16) get a bound from their machine epsilon instead. The Keras call and the
+# served graph run the same layers with different kernels (eager vs graph, oneDNN vs
+# Eigen, other accumulation orders), and every layer rounds its output to the compute
+# dtype: two implementations, each within half an ulp, differ by up to one ulp (eps
+# relative) per layer, and these differences add up over the layers (first order). A
+# layer can also amplify its input's error (BatchNorm divides by a standard deviation,
+# a matmul sums many terms), hence a factor of 2 of headroom: rtol = 2 * eps * layers.
+# Outputs near zero come from cancellations of terms of the outputs' own scale (~1:
+# BatchNorm-normalised embeddings, probabilities), so atol = rtol. For the 6 layers of
+# a 2-block encoder in float16 (eps 2^-10 ~ 9.8e-4): 1.2e-2; observed on an Intel
+# AVX-512 CPU: 3.9e-3 (one float16 ulp at 4). bfloat16's eps is 2^-7 ~ 7.8e-3, so its
+# bound is 8x wider. Predicted classes are checked as well (`class_disagreements`).
+EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+LOW_PRECISION_HEADROOM = 2.0
 _PROBE_ROWS = 8
 
 
@@ -162,9 +183,12 @@ def _read_json(path: str, what: str) -> dict | None:
         return None
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            payload = json.load(handle)
     except (OSError, ValueError) as error:
         raise ExportError(f"{path}: unreadable {what} ({error})") from None
+    if not isinstance(payload, dict):
+        raise ExportError(f"{path}: unreadable {what} (not a JSON object)")
+    return payload
 
 
 def load_run(run_dir: str, data_dir: str | None = None) -> Run:
@@ -200,19 +224,23 @@ def load_run(run_dir: str, data_dir: str | None = None) -> Run:
             "training scripts' --resume) or export another run."
         )
     recorded = record.get("data") or {}
+    if not isinstance(recorded, dict):
+        raise ExportError(f"{run_dir}/{CONFIG_JSON}: `data` is not a JSON object")
     data_dir = data_dir or recorded.get("dir")
     if not data_dir:
         raise ExportError(
             f"{run_dir}/{CONFIG_JSON} names no dataset; pass --data DIR (the converted "
             "dataset the model was trained on)"
         )
+    manifest = _load_manifest(str(data_dir))
     try:
-        manifest = Manifest.load(data_dir)
-    except DataError as error:
+        data = ServingData.from_manifest(manifest)
+    except ExportError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
         raise ExportError(
-            f"cannot read the run's dataset ({error}). The export needs its "
-            "manifest.json (gene list, transform, statistics); pass --data DIR if "
-            "the folder moved."
+            f"{manifest.directory}/{MANIFEST} is incomplete or malformed "
+            f"({type(error).__name__}: {_first_line(error)}); re-run the conversion"
         ) from None
     expected = recorded.get("manifest_sha256")
     digest = manifest.digest()
@@ -220,7 +248,7 @@ def load_run(run_dir: str, data_dir: str | None = None) -> Run:
         genes_sha = recorded.get("genes_sha256")
         if genes_sha and genes_sha != genes_digest(manifest.genes):
             detail = (
-                f"another gene list ({manifest.n_genes} genes; the model was trained "
+                f"another gene list ({data.n_genes} genes; the model was trained "
                 f"on {recorded.get('n_genes')})"
             )
         else:
@@ -233,11 +261,11 @@ def load_run(run_dir: str, data_dir: str | None = None) -> Run:
             f"{detail}; manifest digest {digest[:12]}, the run recorded "
             f"{expected[:12]}. Pass --data with the dataset the run used."
         )
-    data = ServingData.from_manifest(manifest)
     class_names = None
     metrics = None
     if kind == CLASSIFIER:
-        class_names = [str(c) for c in record.get("labels") or []]
+        labels = record.get("labels")
+        class_names = [str(c) for c in labels] if isinstance(labels, list) else []
         if not class_names:
             raise ExportError(
                 f"{run_dir}/{CONFIG_JSON} has no `labels` (class names in logit order)"
@@ -248,6 +276,29 @@ def load_run(run_dir: str, data_dir: str | None = None) -> Run:
     return Run(run_dir, kind, model_path, record, data, class_names, metrics)
 
 
+def _load_manifest(data_dir: str) -> Manifest:
+    """The dataset's manifest, consistent with itself.
+
+    A missing folder gets the hint that it may have moved; a manifest that contradicts
+    itself (gene count vs gene list vs statistics, edited by hand) is named as such.
+    """
+    try:
+        manifest = Manifest.load(data_dir)
+    except DataError as error:
+        if "://" in data_dir or os.path.isfile(os.path.join(data_dir, MANIFEST)):
+            # There, but damaged or unsafe (e.g. a shard entry outside the folder).
+            raise ExportError(f"cannot use the run's dataset: {error}") from None
+        raise ExportError(
+            f"cannot read the run's dataset ({error}). The export needs its "
+            f"{MANIFEST} (gene list, transform, statistics); pass --data DIR if "
+            "the folder moved."
+        ) from None
+    problem = manifest.inconsistency()
+    if problem:
+        raise ExportError(problem)
+    return manifest
+
+
 def load_model(run: Run):
     """Loads the run's Keras model and checks it against the dataset and class names."""
     import keras
@@ -256,10 +307,18 @@ def load_model(run: Run):
         model = keras.saving.load_model(run.model_path, compile=False)
     except Exception as error:  # noqa: BLE001 - any load failure is the same to a user
         raise ExportError(
-            f"{run.model_path}: cannot load the model ({error})"
+            f"{run.model_path}: cannot load the model ({_first_line(error)}); the "
+            "file is damaged or was not written by keras_ssrl's training scripts"
         ) from None
     check_model(model, run.kind, run.data.n_genes, run.class_names, run.model_path)
     return model
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first line, short enough for a one-line message."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def check_model(model, kind: str, n_genes: int, class_names, where: str) -> None:
@@ -554,15 +613,39 @@ def _keras_outputs(model, kind, data, stored):
     return result
 
 
+def _leaf_layers(layer):
+    """The layers that compute, nested models (a classifier's `encoder`) unrolled."""
+    children = getattr(layer, "layers", None)
+    if not children:
+        yield layer
+        return
+    for child in children:
+        yield from _leaf_layers(child)
+
+
 def tolerance_for(model) -> dict:
-    policy = getattr(getattr(model, "dtype_policy", None), "name", "float32")
-    layer_policies = {
-        getattr(layer.dtype_policy, "name", "float32") for layer in model.layers
-    }
-    mixed = policy.startswith("mixed") or any(
-        p.startswith("mixed") for p in layer_policies
-    )
-    return TOLERANCE["mixed" if mixed else "float32"]
+    """The verification bound for `model`, from its lowest compute precision.
+
+    Returns:
+        `{"compute_dtype", "layers", "atol", "rtol"}`: float32 models get
+        `TOLERANCE["float32"]`; 16-bit ones `atol = rtol = 2 * eps * layers`, where
+        `layers` counts the layers computing in that dtype (nested models included:
+        a mixed-precision classifier's float32 head sits on a 16-bit encoder).
+    """
+    import keras
+
+    low = [
+        layer.compute_dtype
+        for layer in _leaf_layers(model)
+        if getattr(layer, "compute_dtype", "float32") in EPSILON
+        and not isinstance(layer, keras.layers.InputLayer)
+    ]
+    if not low:
+        return {"compute_dtype": "float32", "layers": 0, **TOLERANCE["float32"]}
+    # The coarser dtype decides when a model mixes float16 and bfloat16 layers.
+    dtype = max(set(low), key=EPSILON.get)
+    bound = LOW_PRECISION_HEADROOM * EPSILON[dtype] * len(low)
+    return {"compute_dtype": dtype, "layers": len(low), "atol": bound, "rtol": bound}
 
 
 def max_violation(served: np.ndarray, reference: np.ndarray, atol: float, rtol: float):
@@ -571,19 +654,111 @@ def max_violation(served: np.ndarray, reference: np.ndarray, atol: float, rtol: 
     return float(np.max(diff - (atol + rtol * np.abs(reference)))), float(diff.max())
 
 
+def class_disagreements(class_id, reference: np.ndarray, tol: dict) -> np.ndarray:
+    """Rows whose served class is not the Keras model's, beyond a near-tie.
+
+    The served class may differ from the Keras model's most probable class only where
+    the Keras model's probability of the served class is within the tolerance of its
+    top probability (`top - p[served] <= atol + rtol * top`): a near-tie, which
+    rounding decides either way. Any other difference is a wrong prediction.
+
+    Returns:
+        The indices of the offending rows (empty when the classes agree).
+    """
+    reference = np.asarray(reference, np.float64)
+    top = reference.max(axis=1)
+    chosen = reference[np.arange(len(reference)), np.asarray(class_id)]
+    return np.flatnonzero(top - chosen > tol["atol"] + tol["rtol"] * top)
+
+
+def check_outputs(
+    signature: str, served: dict, reference: dict, tol: dict, class_names=None
+) -> dict:
+    """Compares one signature's outputs (numpy) with the Keras model's.
+
+    Args:
+        signature: the signature name, for messages.
+        served: output name -> numpy array, as the SavedModel returned them.
+        reference: output name -> what the Keras model gives (`_keras_outputs`);
+            `probabilities` (classifiers) also checks `class_id` and `class_name`.
+        tol: `tolerance_for(model)`.
+        class_names: the class names, for classifiers.
+
+    Returns:
+        `"signature/output"` -> largest absolute difference.
+
+    Raises:
+        ExportError: an output not float32 or outside the tolerance, or a class
+            other than the Keras model's (`class_disagreements`).
+    """
+    differences = {}
+    bound = (
+        f"tolerance atol {tol['atol']:.3g}, rtol {tol['rtol']:.3g} for "
+        f"{tol.get('compute_dtype', 'float32')} compute"
+    )
+    for name, ref in reference.items():
+        got = np.asarray(served[name])
+        if got.dtype != np.float32:
+            raise ExportError(f"{signature}/{name} is {got.dtype}, not float32")
+        excess, diff = max_violation(got, ref, tol["atol"], tol["rtol"])
+        differences[f"{signature}/{name}"] = diff
+        if excess > 0:
+            raise ExportError(
+                f"the exported {signature} signature differs from the Keras model "
+                f"on {name} by up to {diff:.3g} ({bound}); not exported"
+            )
+    if "probabilities" not in reference:
+        return differences
+    probabilities = np.asarray(served["probabilities"])
+    # Without a `class_id` output (`classify`), the class is the highest score.
+    class_id = np.asarray(served.get("class_id", np.argmax(probabilities, axis=1)))
+    rows = np.arange(len(class_id))
+    # A maximum, not argmax: equal probabilities (a tie after rounding) are both right.
+    if not np.all(probabilities[rows, class_id] >= probabilities.max(axis=1)):
+        raise ExportError(f"{signature}: class_id is not the most probable class")
+    if "class_name" in served and [_text(c) for c in served["class_name"]] != [
+        class_names[i] for i in class_id
+    ]:
+        raise ExportError(f"{signature}: class_name does not match class_id")
+    wrong = class_disagreements(class_id, reference["probabilities"], tol)
+    if wrong.size:
+        raise ExportError(
+            f"the exported {signature} signature predicts another class than the "
+            f"Keras model for probe row(s) {', '.join(map(str, wrong[:10]))}, where "
+            f"the Keras model's classes are not a near-tie ({bound}); not exported"
+        )
+    return differences
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def verify_export(path: str, model, kind: str, data: ServingData, class_names=None):
     """Loads the SavedModel at `path` and compares it with the Keras model.
+
+    Every signature runs on `_PROBE_ROWS` raw probe samples (as records for the
+    example signatures) and its outputs go through `check_outputs`, within
+    `tolerance_for(model)`. Both sides run on the CPU: on a GPU, TensorFlow runs
+    float32 matmuls on TF32 tensor cores (10-bit mantissa), a rounding of the
+    hardware, not of the export, that the float32 bound is too tight for.
 
     Returns:
         A report (largest differences per output and signature, the tolerance).
 
     Raises:
-        ExportError: an output outside the tolerance, or not float32.
+        ExportError: an output outside the tolerance, not float32, or another class.
     """
     import tensorflow as tf
 
+    with tf.device("/CPU:0"):
+        return _verify(tf.saved_model.load(path), model, kind, data, class_names)
+
+
+def _verify(loaded, model, kind, data, class_names):
+    import tensorflow as tf
+
     tol = tolerance_for(model)
-    loaded = tf.saved_model.load(path)
     raw = probe_inputs(data)
     stored = apply_transform(raw, data.transform).astype(data.record_dtype)
     expected = {
@@ -597,50 +772,34 @@ def verify_export(path: str, model, kind: str, data: ServingData, class_names=No
             for i, row in zip(ids, stored)
         ]
     )
+
+    def run(signature, **inputs):
+        out = loaded.signatures[signature](**inputs)
+        return {name: value.numpy() for name, value in out.items()}
+
     served = {
-        SERVING_DEFAULT: loaded.signatures[SERVING_DEFAULT](
-            **{INPUT: tf.constant(raw)}
-        ),
-        PREDICT_EXAMPLES: loaded.signatures[PREDICT_EXAMPLES](
-            **{EXAMPLES_INPUT: serialized}
-        ),
+        SERVING_DEFAULT: run(SERVING_DEFAULT, **{INPUT: tf.constant(raw)}),
+        PREDICT_EXAMPLES: run(PREDICT_EXAMPLES, **{EXAMPLES_INPUT: serialized}),
     }
     report = {"probe_rows": len(raw), "tolerance": tol, "max_abs_difference": {}}
     for signature, reference in expected.items():
-        out = served[signature]
-        for name, ref in reference.items():
-            got = out[name]
-            if got.dtype != tf.float32:
-                raise ExportError(
-                    f"{signature}/{name} is {got.dtype.name}, not float32"
-                )
-            excess, diff = max_violation(got.numpy(), ref, **tol)
-            report["max_abs_difference"][f"{signature}/{name}"] = diff
-            if excess > 0:
-                raise ExportError(
-                    f"the exported {signature} signature differs from the Keras model "
-                    f"on {name} by up to {diff:.3g} (tolerance atol {tol['atol']}, "
-                    f"rtol {tol['rtol']}); not exported"
-                )
-        if kind == CLASSIFIER:
-            class_id = out["class_id"].numpy()
-            if not np.array_equal(class_id, np.argmax(out["probabilities"].numpy(), 1)):
-                raise ExportError(
-                    f"{signature}: class_id is not the most probable class"
-                )
-            names = [c.decode("utf-8") for c in out["class_name"].numpy()]
-            if names != [class_names[i] for i in class_id]:
-                raise ExportError(f"{signature}: class_name does not match class_id")
-    got_ids = [s.decode("utf-8") for s in served[PREDICT_EXAMPLES]["sample_id"].numpy()]
+        report["max_abs_difference"].update(
+            check_outputs(signature, served[signature], reference, tol, class_names)
+        )
+    got_ids = [_text(s) for s in served[PREDICT_EXAMPLES]["sample_id"]]
     if got_ids != ids:
         raise ExportError(f"{PREDICT_EXAMPLES}: sample_id does not echo the records")
     if kind == CLASSIFIER:
-        out = loaded.signatures[CLASSIFY](**{CLASSIFY_INPUT: serialized})
-        excess, _ = max_violation(
-            out["scores"].numpy(), expected[PREDICT_EXAMPLES]["probabilities"], **tol
+        out = run(CLASSIFY, **{CLASSIFY_INPUT: serialized})
+        # `classify` is `predict_examples` in TF Serving's Classify shape.
+        check_outputs(
+            CLASSIFY,
+            {"probabilities": out["scores"]},
+            {"probabilities": expected[PREDICT_EXAMPLES]["probabilities"]},
+            tol,
         )
-        if excess > 0 or out["classes"].shape != (len(raw), len(class_names)):
-            raise ExportError(f"{CLASSIFY}: scores or classes differ from the model")
+        if out["classes"].shape != (len(raw), len(class_names)):
+            raise ExportError(f"{CLASSIFY}: classes are not one row of class names")
     return report
 
 
@@ -741,6 +900,13 @@ def export_run(
 ) -> str:
     """Exports a run's model as `model_base/<version>/` for TF Serving.
 
+    Everything is checked before anything is written: the arguments, the run, its
+    dataset and its model. Then the model base is locked (`FolderLock`: one export at
+    a time per base; a lock left by a dead process is taken over), temporaries left
+    there by a killed export are removed, and the version is written to a temporary
+    folder, verified and renamed into place. Nothing in `model_base` is ever replaced
+    or deleted, except those dead exports' temporaries.
+
     Args:
         run_dir: a pre-training run (exports the encoder) or a fine-tuning run
             (exports the classifier).
@@ -755,7 +921,9 @@ def export_run(
     Raises:
         ExportError: a run without a model, another dataset, a gene-list mismatch, a
             model with non-finite weights, an existing version, or a SavedModel that
-            does not reproduce the Keras model. Nothing is left in `model_base`.
+            does not reproduce the Keras model. Nothing is left in `model_base` (and
+            no `model_base` when the export would have created it).
+        LockedError: another live process is exporting into `model_base`.
 
     Example:
 
@@ -771,23 +939,77 @@ def export_run(
         )
     if os.path.exists(model_base) and not os.path.isdir(model_base):
         raise ExportError(f"{model_base}: exists and is not a folder")
-    if version is not None and (isinstance(version, bool) or int(version) < 1):
-        raise ExportError(f"--version must be an integer >= 1, got {version}")
+    if version is not None:
+        version = _check_version(version)
+        _refuse_existing(model_base, version)
     run = load_run(run_dir, data_dir)
     model = load_model(run)
-    version = int(version) if version is not None else next_version(model_base)
+    lock = _lock_model_base(model_base)
+    try:
+        remove_stale_temporaries(model_base, STALE_TEMPORARY, log)
+        version = version or next_version(model_base)
+        _refuse_existing(model_base, version)  # written by an export since the check
+        final, report = _write_version(run, model, model_base, version, log)
+    except BaseException:
+        if lock.created:
+            # The export made the base: take it away again, lock file included.
+            _remove_quietly(lock.path)
+            lock.release()
+            _remove_quietly(model_base, folder=True)
+        raise
+    finally:
+        lock.release()
+    worst = max(report["max_abs_difference"].values())
+    log(
+        f"wrote {final}: signatures {', '.join(signature_docs(run.kind, run.data, 1, 1))}; "
+        f"largest difference from the Keras model {worst:.2g}"
+    )
+    return final
+
+
+def _check_version(version) -> int:
+    try:
+        number = None if isinstance(version, bool) else operator.index(version)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ExportError(f"--version must be an integer >= 1, got {version!r}")
+    return number
+
+
+def _refuse_existing(model_base: str, version: int) -> None:
     final = os.path.join(model_base, str(version))
     if os.path.exists(final):
         raise ExportError(
             f"{final} exists: versions are never overwritten (TF Serving may be serving "
             "it); choose another --version or leave it out for the next one"
         )
-    created_base = not os.path.isdir(model_base)
-    os.makedirs(model_base, exist_ok=True)
+
+
+def _lock_model_base(model_base: str) -> FolderLock:
+    try:
+        return FolderLock(model_base, "model base").acquire()
+    except OSError as error:
+        raise ExportError(
+            f"{model_base}: cannot create or lock the model base "
+            f"({error.strerror or error}); choose a writable --out"
+        ) from None
+
+
+def _remove_quietly(path: str, folder: bool = False) -> None:
+    try:
+        (os.rmdir if folder else os.remove)(path)
+    except OSError:  # not empty (another writer arrived) or already gone: leave it
+        pass
+
+
+def _write_version(run: Run, model, model_base: str, version: int, log):
+    """Writes, verifies and renames `model_base/<version>`; returns (path, report)."""
+    final = os.path.join(model_base, str(version))
     tmp = os.path.join(model_base, f".tmp-{version}-{os.getpid()}")
     try:
         log(
-            f"exporting the {run.kind} of {run_dir} ({run.data.n_genes} genes"
+            f"exporting the {run.kind} of {run.directory} ({run.data.n_genes} genes"
             + (f", {len(run.class_names)} classes" if run.class_names else "")
             + f") as version {version} of {model_base}"
         )
@@ -795,20 +1017,11 @@ def export_run(
         archive.write_out(tmp, verbose=False)
         report = verify_export(tmp, model, run.kind, run.data, run.class_names)
         write_assets(tmp, run, model_card(run, model, report, version))
+        # os.replace would swap an empty folder for ours: refuse anything there.
         if os.path.exists(final):
             raise ExportError(f"{final} appeared during the export; not replaced")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created_base:
-            try:
-                os.rmdir(model_base)
-            except OSError:
-                pass
         raise
-    worst = max(report["max_abs_difference"].values())
-    log(
-        f"wrote {final}: signatures {', '.join(signature_docs(run.kind, run.data, 1, 1))}; "
-        f"largest difference from the Keras model {worst:.2g}"
-    )
-    return final
+    return final, report
