@@ -50,7 +50,7 @@ def time_runs(data_dir: str, fractions, repeats: int) -> dict[str, np.ndarray]:
     import keras
 
     from keras_ssrl.encoders import build_encoder
-    from keras_ssrl.evaluation.protocol import logistic_regression
+    from keras_ssrl.evaluation.runner import logistic_regression
     from keras_ssrl.finetuning import (
         Finetuner,
         load_finetune_data,
@@ -66,7 +66,9 @@ def time_runs(data_dir: str, fractions, repeats: int) -> dict[str, np.ndarray]:
         mode: Finetuner(data.n_genes, len(data.classes), encoder, mode, config)
         for mode in ("unfrozen", "frozen")
     }
-    times = {kind: np.zeros(len(fractions)) for kind in ("unfrozen", "frozen", "logreg")}
+    times = {
+        kind: np.zeros(len(fractions)) for kind in ("unfrozen", "frozen", "logreg")
+    }
     # Warm-up: graph tracing and XLA compilation happen once per sweep, not per run.
     warm = stratified_subset(data.train.y, fractions[0], 0)
     for tuner in tuners.values():
@@ -121,10 +123,20 @@ def compare_jobs(data_dir: str, out_root: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="a converted, labelled dataset (default: built-in)")
+    parser.add_argument(
+        "--data", help="a converted, labelled dataset (default: built-in)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per p")
-    parser.add_argument("--jobs-compare", action="store_true")
-    parser.add_argument("--out", default=os.path.join("runs", "benchmark-sweep"))
+    parser.add_argument(
+        "--jobs-compare",
+        action="store_true",
+        help="also time 2 processes x 1 thread against 1 process x 2 threads",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join("runs", "benchmark-sweep"),
+        help="folder of the --jobs-compare sweeps",
+    )
     args = parser.parse_args(argv)
     data_dir = args.data
     if data_dir is None:

@@ -46,7 +46,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class Pretext(keras.Model):
-    """SCARF's or VIME's pretext loss as the model's output (protocol.md defaults)."""
+    """SCARF's or VIME's pretext loss as the model's output (docs/protocol.md defaults)."""
 
     def __init__(self, method: str, n_genes: int, rate: float = 0.3):
         super().__init__()

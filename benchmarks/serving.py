@@ -7,7 +7,7 @@ Usage:
 
 For each gene count it builds a classifier as fine-tuning does (the protocol's 4 x 256
 MLP encoder, a Dense head of 33 classes, random weights and BatchNorm statistics),
-exports it with `keras_ssrl.serving.export.build_archive` (the same graph as
+exports it with `keras_ssrl.serving.build_archive` (the same graph as
 `export/export_model.py`: log2(x + 1), standardisation and input checks inside), loads it
 back with `tf.saved_model.load` and times, in the same process and in alternating rounds
 (the median round is kept):
@@ -45,7 +45,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_ssrl.data.preprocessing import apply_transform  # noqa: E402
 from keras_ssrl.encoders import build_encoder  # noqa: E402
-from keras_ssrl.serving.export import (  # noqa: E402
+from keras_ssrl.serving import (  # noqa: E402
     CLASSIFIER,
     ServingData,
     build_archive,

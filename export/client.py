@@ -32,21 +32,16 @@ Exit status: 0 done; 1 a damaged --records folder (a shard differs from its mani
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-# Keep this folder (client.py, export_model.py) from shadowing installed modules.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import argparse  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.data.genes import DUPLICATE_POLICIES  # noqa: E402
 from keras_ssrl.data.schema import SPLITS, TEST  # noqa: E402
-from keras_ssrl.serving.client import (  # noqa: E402
+from keras_ssrl.serving import (  # noqa: E402
     DEFAULT_BATCH,
     REST_FORMS,
     GrpcModel,
@@ -59,6 +54,7 @@ from keras_ssrl.serving.client import (  # noqa: E402
     read_table_samples,
     run_client,
 )
+from keras_ssrl.serving.assets import SAVED_MODEL_PB  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,39 +115,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def local_dir(args) -> str | None:
+    """--local, or its version folder MODEL_BASE/<version> when --version is given."""
+    if (
+        args.local
+        and args.version is not None
+        and not os.path.isfile(os.path.join(args.local, SAVED_MODEL_PB))
+    ):
+        return os.path.join(args.local, str(args.version))
+    return args.local
+
+
+def read_samples(args, info: ModelInfo):
+    if args.records:
+        return read_record_samples(args.records, args.split, info)
+    return read_table_samples(
+        args.input,
+        info,
+        fmt=args.format,
+        sample_column=args.sample_column,
+        label_column=args.label_column,
+        genes_as_rows=args.genes_as_rows,
+        duplicate_genes=args.duplicate_genes,
+    )
+
+
+def open_model(args, local: str | None):
+    if local:
+        return LocalModel(local)
+    if args.rest:
+        return RestModel(
+            args.rest, args.model_name, version=args.version, form=args.rest_format,
+            timeout=args.timeout,
+        )  # fmt: skip
+    return GrpcModel(
+        args.grpc, args.model_name, version=args.version, timeout=args.timeout
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     model = None
-    local = args.local
-    if (
-        local
-        and args.version is not None
-        and not os.path.isfile(os.path.join(local, "saved_model.pb"))
-    ):
-        local = os.path.join(local, str(args.version))  # MODEL_BASE/<version>
+    local = local_dir(args)
     try:
         check_output(args.out, [args.input, args.records, args.model_dir, local])
         info = ModelInfo.load(args.model_dir or local)
-        if args.records:
-            samples = read_record_samples(args.records, args.split, info)
-        else:
-            samples = read_table_samples(
-                args.input,
-                info,
-                fmt=args.format,
-                sample_column=args.sample_column,
-                label_column=args.label_column,
-                genes_as_rows=args.genes_as_rows,
-                duplicate_genes=args.duplicate_genes,
-            )
-        if local:
-            model = LocalModel(local)
-        elif args.rest:
-            model = RestModel(
-                args.rest, args.model_name, args.version, args.rest_format, args.timeout
-            )
-        else:
-            model = GrpcModel(args.grpc, args.model_name, args.version, args.timeout)
+        samples = read_samples(args, info)
+        model = open_model(args, local)
         run_client(
             model, info, samples, args.out, batch_size=args.batch_size,
             embedding=args.embedding,

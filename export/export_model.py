@@ -27,20 +27,15 @@ use by another export (nothing written).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-# Keep this folder (client.py, export_model.py) from shadowing installed modules.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import argparse  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.files import LockedError  # noqa: E402
-from keras_ssrl.serving.export import ExportError, export_run  # noqa: E402
+from keras_ssrl.serving import ExportError, export_run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -4,29 +4,26 @@
   to the epoch logs (so `CSVLogger` and `TensorBoard` record them).
 - `NonFiniteLossGuard`: stops training when the loss turns NaN or inf, naming the step.
 - `BestEncoderWeights`: a copy of the encoder weights at the best validation loss.
-- `CheckpointStore` + `TrainingCheckpoint`: atomic checkpoints of the whole training
-  state every N steps, at each epoch end and on request (SIGTERM).
+- `TrainingCheckpoint`: decides when to checkpoint the whole training state (every N
+  steps, at each epoch end, on request such as a SIGTERM); the writing itself is
+  `keras_ssrl.training.checkpoints.CheckpointStore`'s.
 
 `keras_ssrl.training.run_pretraining` wires them together; each also works alone.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
-from keras_ssrl.evaluation.collapse import collapse_metrics
+from keras_ssrl.metrics import collapse_metrics
 
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "state.json"
-_TMP_PREFIX = ".tmp-"
-_CKPT_NAME = "ckpt"
+if TYPE_CHECKING:  # the store is only called: no import of the training package
+    from keras_ssrl.training.checkpoints import CheckpointStore
 
 
 class CollapseMonitor(keras.callbacks.Callback):
@@ -34,9 +31,10 @@ class CollapseMonitor(keras.callbacks.Callback):
 
     The encoder embeds `data` (inference mode) and the callback adds
     `{prefix}embedding_std`, `{prefix}effective_rank` and `{prefix}collapsed_dims`
-    (see `keras_ssrl.evaluation.collapse`) to the epoch logs. Callbacks after it in
-    the list (`CSVLogger`, `TensorBoard`, the progress bar) record them; with the
-    default `val_` prefix TensorBoard shows them in the validation run.
+    (see `keras_ssrl.metrics` and docs/protocol.md, "Dimensional collapse") to the
+    epoch logs. Callbacks after it in the list (`CSVLogger`, `TensorBoard`, the
+    progress bar) record them; with the default `val_` prefix TensorBoard shows them in
+    the validation run.
 
     Args:
         encoder: the `keras.Model` to monitor (genes -> embedding).
@@ -182,152 +180,6 @@ class BestEncoderWeights(keras.callbacks.Callback):
         return True
 
 
-def _fsync_tree(folder: str) -> None:
-    """Flushes every file of `folder` and the folder itself to disk."""
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders; best effort
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class CheckpointStore:
-    """Atomic, numbered training checkpoints in a local folder.
-
-    Each checkpoint is a folder `step-000001200/` holding a `tf.train.Checkpoint`
-    (`ckpt.index`, `ckpt.data-*`) and `state.json` (step, epoch and whatever the
-    caller adds). It is written into a hidden temporary folder, flushed to disk and
-    renamed into place, so a folder named `step-*` is always complete: a kill during a
-    write leaves only a `.tmp-*` folder, which is never loaded and is removed by the
-    next write. The newest `keep` checkpoints are kept.
-
-    Args:
-        directory: str, a local folder (created when needed).
-        keep: int, checkpoints kept (2: the newest may be unreadable after disk
-            damage, the previous one is then used).
-        log: callable receiving warnings.
-
-    Example:
-
-    ```python
-    store = CheckpointStore("run/checkpoints")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    store.save(ckpt, step=200, state={"epoch": 1})
-    path, state = store.latest()
-    store.restore(ckpt, path)
-    ```
-    """
-
-    def __init__(self, directory: str, keep: int = 2, log=print):
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
-        self.directory = str(directory)
-        self.keep = keep
-        self.log = log
-
-    def path(self, step: int) -> str:
-        return os.path.join(self.directory, f"{CHECKPOINT_PREFIX}{int(step):09d}")
-
-    def checkpoints(self) -> list[tuple[int, str]]:
-        """Complete checkpoints as `(step, folder)`, newest first."""
-        if not os.path.isdir(self.directory):
-            return []
-        found = []
-        for name in os.listdir(self.directory):
-            if not name.startswith(CHECKPOINT_PREFIX):
-                continue
-            try:
-                step = int(name[len(CHECKPOINT_PREFIX) :])
-            except ValueError:
-                continue
-            folder = os.path.join(self.directory, name)
-            if os.path.isfile(os.path.join(folder, STATE_FILE)):
-                found.append((step, folder))
-        return sorted(found, reverse=True)
-
-    def save(self, checkpoint, step: int, state: dict) -> str:
-        """Writes `checkpoint` and `state` as the checkpoint of `step`; returns its folder."""
-        os.makedirs(self.directory, exist_ok=True)
-        self._remove_temporaries()
-        tmp = os.path.join(
-            self.directory, f"{_TMP_PREFIX}{int(step):09d}-{os.getpid()}"
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        checkpoint.write(os.path.join(tmp, _CKPT_NAME))
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump({**state, "step": int(step)}, handle, indent=1, allow_nan=False)
-            handle.write("\n")
-        _fsync_tree(tmp)
-        final = self.path(step)
-        if os.path.exists(final):
-            # Only after a fall-back to an older checkpoint: the newer one is replaced.
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.directory)
-        for _, old in self.checkpoints()[self.keep :]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def _remove_temporaries(self) -> None:
-        for name in os.listdir(self.directory):
-            if name.startswith(_TMP_PREFIX):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-
-    @staticmethod
-    def read_state(folder: str) -> dict:
-        with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as handle:
-            return json.load(handle)
-
-    def latest(self) -> tuple[str, dict] | None:
-        """The newest complete checkpoint as `(folder, state)`, or None."""
-        for _, folder in self.checkpoints():
-            try:
-                return folder, self.read_state(folder)
-            except (OSError, ValueError) as error:
-                self.log(f"warning: skipping unreadable checkpoint {folder} ({error})")
-        return None
-
-    def restore(self, checkpoint, folder: str) -> dict:
-        """Restores `checkpoint` from `folder` and returns its state.
-
-        Every value saved must match an object of `checkpoint`, and every object must
-        receive a value: a model that differs from the one saved fails loudly instead
-        of training half-restored.
-        """
-        status = checkpoint.read(os.path.join(folder, _CKPT_NAME))
-        status.assert_consumed()
-        return self.read_state(folder)
-
-    def restore_latest(self, checkpoint) -> tuple[str, dict] | None:
-        """Restores the newest checkpoint that reads; falls back to older ones."""
-        for _, folder in self.checkpoints():
-            try:
-                return folder, self.restore(checkpoint, folder)
-            except AssertionError:
-                raise
-            except Exception as error:  # damaged files: try the previous checkpoint
-                self.log(
-                    f"warning: cannot read checkpoint {folder} ({error}); trying "
-                    "the previous one"
-                )
-        return None
-
-
 class TrainingCheckpoint(keras.callbacks.Callback):
     """Checkpoints every `every_n_steps` steps, at each epoch end, and on request.
 
@@ -357,6 +209,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         store: CheckpointStore,
         checkpoint,
         steps_per_epoch: int,
+        *,
         every_n_steps: int = 0,
         initial_step: int = 0,
         state_fn: Callable[[int], dict] | None = None,

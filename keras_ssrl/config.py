@@ -1,6 +1,6 @@
 """Configuration dataclasses and the protocol's defaults, in one place.
 
-Every default of `../shared/docs/protocol.md` that the package implements lives here, and
+Every default of `docs/protocol.md` that the package implements lives here, and
 every run writes the resolved values next to its outputs (`dataclasses.asdict`). Where the
 protocol is silent, the choice made is documented on the field.
 """
@@ -8,7 +8,12 @@ protocol is silent, the choice made is documented on the field.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # TCGA in the paper: 9349 samples -> 7291 pre-training / 1029 fine-tuning / 1029 test.
 # The default fractions reproduce that ratio (1029 / 9349 = 0.110).
@@ -17,11 +22,17 @@ TCGA_FINETUNE_FRACTION = 1029 / 9349
 ARCHS4_FINETUNE_FRACTION = 1142 / 53281
 # BYOL's target decay schedules (`keras_ssrl.losses.ema_decay`).
 EMA_SCHEDULES = ("cosine", "constant")
+# The pre-training methods (`keras_ssrl.methods` builds them by these names).
+METHODS = ("scarf", "vime", "byol")
+# Keras dtype policies a run may ask for (`auto`: see training.resolve_precision).
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# Which encoder a pre-training run keeps: the last one, or the best validation loss.
+KEEP = ("last", "best")
 
 
 @dataclass
 class SplitConfig:
-    """How samples are split (protocol.md, "Splits").
+    """How samples are split (docs/protocol.md, "Splits").
 
     Attributes:
         finetune_size: fraction (0 < f < 1) of the labelled samples, or a count (>= 1),
@@ -102,7 +113,7 @@ class ConversionConfig:
 
 @dataclass
 class EncoderConfig:
-    """The MLP encoder shared by every method and the baseline (protocol.md, "Encoder").
+    """The MLP encoder shared by every method and the baseline (docs/protocol.md, "Encoder").
 
     Attributes:
         layers: number of [Dense -> BatchNorm -> ReLU] blocks (4).
@@ -117,7 +128,7 @@ class EncoderConfig:
 
 @dataclass
 class ScarfConfig:
-    """SCARF (protocol.md, "SCARF").
+    """SCARF (docs/protocol.md, "SCARF").
 
     Attributes:
         corruption_rate: fraction c of the features replaced in each example (0.3):
@@ -135,7 +146,7 @@ class ScarfConfig:
 
 @dataclass
 class VimeConfig:
-    """VIME self-supervised (protocol.md, "VIME").
+    """VIME self-supervised (docs/protocol.md, "VIME").
 
     Attributes:
         mask_rate: p_m, probability that a feature is masked, drawn afresh every step
@@ -149,7 +160,7 @@ class VimeConfig:
 
 @dataclass
 class ByolConfig:
-    """BYOL (protocol.md, "BYOL").
+    """BYOL (docs/protocol.md, "BYOL").
 
     Attributes:
         corruption_rate: p of the VIME-style corruption making the target's view (0.3).
@@ -173,7 +184,7 @@ class ByolConfig:
 
 @dataclass
 class PretrainConfig:
-    """Pre-training defaults (protocol.md, "Pre-training defaults").
+    """Pre-training defaults (docs/protocol.md, "Pre-training").
 
     Attributes:
         method: `scarf`, `vime` or `byol`.
@@ -204,7 +215,7 @@ class PretrainConfig:
     byol: ByolConfig = field(default_factory=ByolConfig)
 
 
-# Label-efficiency grids (protocol.md, "Label-efficiency protocol"): the paper's 99
+# Label-efficiency grids (docs/protocol.md, "Label efficiency and AUPC"): the paper's 99
 # fractions with 5 repeats, and the reduced preset for quick runs.
 FULL_FRACTIONS = tuple(round(0.01 * i, 2) for i in range(2, 101))
 QUICK_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -223,7 +234,7 @@ FULL_WIDTHS = (256, 1024)
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning (protocol.md, "Fine-tuning").
+    """Fine-tuning (docs/protocol.md, "Fine-tuning").
 
     Attributes:
         mode: `unfrozen` (encoder and head trained) or `frozen` (encoder weights fixed,
@@ -242,7 +253,7 @@ class FinetuneConfig:
         seed: base seed of subsets and initialisation.
 
     The validation split (`finetune_val`) is used whole for early stopping at every p:
-    protocol.md subsamples only the fine-tuning training set. The test split is read
+    the protocol subsamples only the fine-tuning training set. The test split is read
     only to score the final model.
     """
 
@@ -264,3 +275,301 @@ def auto_block_size(n_genes: int, budget_bytes: int = 64 << 20) -> int:
 def to_dict(config) -> dict:
     """The resolved values of a config dataclass, for writing next to outputs."""
     return dataclasses.asdict(config)
+
+
+# ------------------------------------------------- loading and validating configs
+
+
+class ConfigError(ValueError):
+    """A setting of the run is invalid; the message names it.
+
+    `field` is the setting's config path (`scarf.corruption_rate`) when there is one,
+    so that a command line can name its own flag.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def config_from_dict(data: dict) -> PretrainConfig:
+    """Builds a `PretrainConfig` from a nested dict (a preset or a run's config.json).
+
+    Missing keys keep their defaults; unknown keys are refused, so a typo in a preset
+    never goes unnoticed. A run's `config.json` (with a top-level `config` entry) is
+    accepted as it is.
+
+    Args:
+        data: dict, as written by `to_dict(config)`, possibly partial.
+
+    Returns:
+        A `PretrainConfig`.
+
+    Example:
+
+    ```python
+    config = config_from_dict({"method": "byol", "byol": {"ema_base": 0.996}})
+    ```
+    """
+    if "config" in data and isinstance(data["config"], dict):
+        data = data["config"]
+    sections = {
+        "encoder": EncoderConfig,
+        "scarf": ScarfConfig,
+        "vime": VimeConfig,
+        "byol": ByolConfig,
+    }
+
+    def build(cls, values: dict, where: str):
+        if not isinstance(values, dict):
+            raise ConfigError(f"config entry {where or 'root'!r} must be an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        defaults = cls()
+        kwargs = {}
+        for key, value in values.items():
+            if where == "" and key in sections:
+                value = build(sections[key], value, f"{key}.")
+            else:
+                value = _typed(value, getattr(defaults, key), where + key)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    return build(PretrainConfig, dict(data), "")
+
+
+def _typed(value, default, name: str):
+    """`value` checked against the type of the field's default (ints pass as floats)."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"config {name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _at_least_one(value) -> bool:
+    return value >= 1
+
+
+def _rate(value) -> bool:
+    return 0 <= value <= 1
+
+
+def _positive(value) -> bool:
+    return 0 < value < math.inf
+
+
+# The accepted range of every numeric setting: (config path, test, what the message
+# says). NaN fails every comparison, so the tests refuse it too. Corruption and mask
+# rates take what `MarginalCorruption` takes: 0 (no corruption) to 1 (every cell).
+_RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("epochs", _at_least_one, "at least 1"),
+    ("batch_size", _at_least_one, "at least 1"),
+    ("learning_rate", _positive, "a finite number > 0"),
+    # keras.utils.set_random_seed seeds NumPy's legacy generator: 32 bits.
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("pretrain_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("encoder.layers", _at_least_one, "at least 1"),
+    ("encoder.width", _at_least_one, "at least 1"),
+    ("encoder.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("scarf.corruption_rate", _rate, "in [0, 1]"),
+    ("scarf.temperature", _positive, "a finite number > 0"),
+    ("scarf.projector_hidden", _at_least_one, "at least 1"),
+    ("scarf.projector_dim", _at_least_one, "at least 1"),
+    ("vime.mask_rate", _rate, "in [0, 1]"),
+    ("vime.alpha", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    ("byol.corruption_rate", _rate, "in [0, 1]"),
+    ("byol.hidden", _at_least_one, "at least 1"),
+    ("byol.projection_dim", _at_least_one, "at least 1"),
+    ("byol.ema_base", _rate, "in [0, 1]"),
+)
+
+
+def _choices() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return (
+        ("method", METHODS),
+        ("precision", PRECISIONS),
+        ("keep", KEEP),
+        ("byol.ema_schedule", EMA_SCHEDULES),
+    )
+
+
+def _leaves(config, prefix: str = ""):
+    """`(path, value, default)` of every setting of a config dataclass, nested ones too."""
+    defaults = type(config)()
+    for f in dataclasses.fields(config):
+        value, default = getattr(config, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, default
+
+
+def _check_type(path: str, value, default) -> None:
+    # NumPy integers and floats pass (a sweep may build configs from arrays).
+    if isinstance(default, bool):
+        ok = isinstance(value, (bool, np.bool_))
+    elif isinstance(default, int):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(
+            f"config {path} must be {type(default).__name__}, got {value!r}", path
+        )
+
+
+def validate_config(config: PretrainConfig) -> None:
+    """Checks every setting, of every method; raises `ConfigError` naming the field.
+
+    Runs before anything is written: a setting the model would refuse later must not
+    leave a run folder (and its `config.json`) behind. Method sections other than
+    `config.method`'s are checked too: they are recorded in `config.json`, and a
+    preset is either valid or refused.
+    """
+    if not isinstance(config, PretrainConfig):
+        raise ConfigError(f"expected a PretrainConfig, got {type(config).__name__}")
+    values = {}
+    for path, value, default in _leaves(config):
+        _check_type(path, value, default)
+        values[path] = value
+    for path, allowed in _choices():
+        if values[path] not in allowed:
+            raise ConfigError(
+                f"{path} must be one of {', '.join(allowed)}, got {values[path]!r}",
+                path,
+            )
+    for path, accepted, expected in _RANGES:
+        if not accepted(values[path]):
+            raise ConfigError(f"{path} must be {expected}, got {values[path]!r}", path)
+
+
+# --------------------------------------------------------------------------- presets
+
+# Label fractions of the architecture sweep: its gains are AUPCs, integrated over
+# AUPC_RANGE only, so the paper's grid stops at p = 0.3 (step 0.01).
+FULL_ARCHITECTURE_FRACTIONS = tuple(round(0.01 * i, 2) for i in range(2, 31))
+# p of the pre-training-size sweep (Figure 5 fine-tunes unfrozen at p = 0.1).
+PRETRAIN_SIZE_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The grids of the paper's experiments at one scale (docs/protocol.md).
+
+    Attributes:
+        name: the key of `PRESETS`.
+        fractions: label fractions p of the label-efficiency sweep.
+        architecture_fractions: p of the architecture sweep (inside `AUPC_RANGE`).
+        pretrain_sizes: pre-training fractions q of the pre-training-size sweep.
+        repeats: repeats per (method, p).
+        depths, widths: the encoders of the architecture sweep.
+        layers, width: the encoder of the label-efficiency and pre-training-size
+            sweeps.
+    """
+
+    name: str
+    fractions: tuple[float, ...]
+    architecture_fractions: tuple[float, ...]
+    pretrain_sizes: tuple[float, ...]
+    repeats: int
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    layers: int = EncoderConfig.layers
+    width: int = EncoderConfig.width
+
+
+PRESETS = {
+    # The reduced grids: 7 fractions (5 inside the AUPC interval), 3 repeats, depths
+    # 2, 4, 6 at width 256, q in {0.05, 0.2, 1}.
+    "quick": Preset(
+        name="quick",
+        fractions=QUICK_FRACTIONS,
+        architecture_fractions=tuple(p for p in QUICK_FRACTIONS if p <= AUPC_RANGE[1]),
+        pretrain_sizes=(0.05, 0.2, 1.0),
+        repeats=QUICK_REPEATS,
+        depths=(2, 4, 6),
+        widths=(256,),
+    ),
+    # The paper's grids: 99 fractions x 5 repeats, depth 2..10 x width 256/1024,
+    # Figure 5's 24 values of q.
+    "paper": Preset(
+        name="paper",
+        fractions=FULL_FRACTIONS,
+        architecture_fractions=FULL_ARCHITECTURE_FRACTIONS,
+        pretrain_sizes=FULL_PRETRAIN_SIZES,
+        repeats=FULL_REPEATS,
+        depths=FULL_DEPTHS,
+        widths=FULL_WIDTHS,
+    ),
+    # A minutes-long check that the whole pipeline runs on a dataset before a long
+    # run: tiny encoders (2 x 16), two fractions, one repeat. Not a result.
+    "smoke": Preset(
+        name="smoke",
+        fractions=(0.05, 0.3),
+        architecture_fractions=(0.05, 0.3),
+        pretrain_sizes=(0.5, 1.0),
+        repeats=1,
+        depths=(1, 2),
+        widths=(16,),
+        layers=2,
+        width=16,
+    ),
+}
+# The grid names a command line accepts (`--fractions full`) and their presets.
+GRID_PRESETS = {"full": "paper", "quick": "quick"}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One experiment of a reproduction, with its grids (`reproduction_plan`).
+
+    Attributes:
+        kind: `label-efficiency`, `architectures` or `pretrain-size`.
+        folder: its sub-folder of the reproduction folder.
+        fractions: label fractions p.
+        repeats: repeats per (method, p).
+        depths, widths: encoder architectures.
+        pretrain_sizes: pre-training fractions q.
+    """
+
+    kind: str
+    folder: str
+    fractions: tuple[float, ...]
+    repeats: int
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    pretrain_sizes: tuple[float, ...] = (1.0,)
+
+
+# Sub-folders of a reproduction: the pre-training runs every sweep shares, and the
+# covariance spectra of the label-efficiency encoders (Figure 4, bottom).
+REPRODUCTION_PRETRAIN = "pretrain"
+REPRODUCTION_COLLAPSE = "collapse"
+
+
+def reproduction_plan(preset: str) -> tuple[Sweep, ...]:
+    """The sweeps `scripts/reproduce.py` runs, in order, for a preset of `PRESETS`.
+
+    Figure 3 (label efficiency) comes first: its encoders (the preset's `layers` x
+    `width`, q = 1) are reused by the other sweeps and embedded for Figure 4's
+    collapse spectra.
+    """
+    grids = PRESETS[preset]
+    encoder = {"depths": (grids.layers,), "widths": (grids.width,)}
+    return (
+        Sweep("label-efficiency", "label-efficiency", grids.fractions, grids.repeats,
+              **encoder),
+        Sweep("architectures", "architectures", grids.architecture_fractions,
+              grids.repeats, grids.depths, grids.widths),
+        Sweep("pretrain-size", "pretrain-size", (PRETRAIN_SIZE_FRACTION,),
+              grids.repeats, pretrain_sizes=grids.pretrain_sizes, **encoder),
+    )  # fmt: skip

@@ -1,4 +1,7 @@
-"""The MLP encoder shared by every method and by the non-pre-trained baseline."""
+"""The MLP encoder shared by every method and by the non-pre-trained baseline.
+
+Its architecture and defaults are those of docs/protocol.md, "Encoder".
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def build_encoder(
 
     Args:
         n_genes: int, number of input genes.
-        layers: int, number of blocks (protocol default 4).
+        layers: int, number of blocks (default 4).
         width: int, units per block and size of the embedding (default 256).
         dropout: float, dropout after each block (default 0, off).
         name: str, model name.

@@ -1,6 +1,11 @@
-"""Generic guards for the folders keras_ssrl writes: exclusive locks, stale temporaries.
+"""Generic file helpers: paths local or remote, atomic writers, folder locks, temporaries.
 
-Two processes writing one run folder, evaluation folder or model base corrupt each
+Everything that writes a file (tables, figures, reports, run folders, datasets) goes
+through the atomic writers here: a temporary name, then a rename, so that readers and a
+rerun after a crash never see half a file. This module sits below every other one (it
+imports nothing of keras_ssrl but the optional remote filesystems).
+
+Locks. Two processes writing one run folder, evaluation folder or model base corrupt each
 other's files (a resumed run deleting the checkpoint the other is writing, two sweeps
 rewriting one results table). `FolderLock` makes every writer take an exclusive lock on
 its output folder first; a second process is refused, naming the holder's PID.
@@ -8,19 +13,107 @@ its output folder first; a second process is refused, naming the holder's PID.
 The lock is an advisory `fcntl.flock` on a small file inside the folder. The kernel
 releases it when the holding process ends, however it ends (kill -9 included), so a
 lock left behind by a dead process is simply taken over: the file that remains only
-records who held it last. This module needs nothing but the standard library.
+records who held it last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
+import json
 import os
+import posixpath
 import re
 import shutil
 import socket
 import sys
 
+import numpy as np
+
 LOCK_FILE = ".keras_ssrl.lock"
+
+
+def preview(items, limit: int = 5) -> str:
+    """Formats the first `limit` items of a sequence for an error message."""
+    items = list(items)
+    shown = ", ".join(str(item) for item in items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items)} in all)"
+    return shown
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` is a URL (`gs://`, `s3://`, ...) rather than a local path."""
+    return "://" in str(path)
+
+
+def join(directory: str, name: str) -> str:
+    """Joins paths for local folders and `gs://` / `s3://` URLs alike."""
+    if is_remote(directory):
+        return posixpath.join(str(directory), name)
+    return os.path.join(directory, name)
+
+
+def open_file(path: str, mode: str = "rb"):
+    """Opens local files directly and remote ones through TensorFlow's filesystems."""
+    if is_remote(path):
+        import tensorflow as tf
+
+        from keras_ssrl import filesystems
+
+        filesystems.register()
+        return tf.io.gfile.GFile(path, mode)
+    return open(path, mode)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open_file(path, "rb") as handle:
+        while True:
+            data = handle.read(chunk)
+            if not data:
+                break
+            digest.update(data)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary name next to `path`, renamed onto `path` on success.
+
+    Readers (and a rerun after a crash) never see half a file: on any error the
+    temporary file is removed and `path` keeps its previous content. `suffix` ends the
+    temporary name, for writers that check it (Keras saves only to `.keras`).
+    """
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON to a temporary name, then renames: readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1, allow_nan=False, default=_json_default)
+        handle.write("\n")
+
+
+def write_csv_atomic(frame, path: str, float_format: str = "%.7g") -> None:
+    """Writes a pandas DataFrame as CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format=float_format)
+
+
+def _json_default(value):
+    """NumPy scalars (metrics, counts) as plain JSON numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class LockedError(RuntimeError):

@@ -44,7 +44,7 @@ def decoder(
     """VIME decoder: the encoder's architecture, then Dense(n_genes).
 
     The feature decoder is linear (inputs are standardised, not in [0, 1]); the mask
-    decoder ends in a sigmoid (protocol.md, "VIME").
+    decoder ends in a sigmoid (docs/protocol.md, "VIME").
     """
     inputs = keras.Input(shape=(input_dim,))
     x = inputs

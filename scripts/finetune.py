@@ -14,9 +14,10 @@ Usage:
 Writes into --out (default `runs/finetune-<method>-<mode>-p<p>-<date>-<time>`):
 `classifier.keras` (encoder + linear head producing logits; `export/export_model.py`
 serves it), `config.json`, `history.csv` and `metrics.json` (test accuracy, balanced
-accuracy, macro-F1, confusion matrix). Defaults (Adam 1e-4, batch 8, at most 100 epochs,
-early stopping with patience 30 restoring the best epoch) come from
-`keras_ssrl.config.FinetuneConfig`.
+accuracy, macro-F1, confusion matrix). Training is Adam with early stopping on the
+validation loss, restoring the best epoch (docs/protocol.md, "Fine-tuning"). The defaults
+of every setting come from `keras_ssrl.config.FinetuneConfig`, and the baseline's
+architecture from `EncoderConfig`; --help shows them.
 
 Every setting, the encoder run, the data and --out are checked before training starts,
 and nothing is written before then: a refused command leaves no trace. --out must be new
@@ -37,18 +38,59 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
 from keras_ssrl.config import EncoderConfig, FinetuneConfig  # noqa: E402
 from keras_ssrl.data.errors import DamagedDataError, DataError  # noqa: E402
 from keras_ssrl.finetuning import MODES, FinetuneError, finetune  # noqa: E402
 
-DEFAULTS = FinetuneConfig()
+# The settings flags; their defaults come from the config dataclasses, shown in --help.
+FLAGS = FlagTable(
+    FinetuneConfig,
+    [
+        Flag(
+            "--mode",
+            "mode",
+            str,
+            "unfrozen: encoder and head trained; frozen: only the head (needs --encoder)",
+            choices=MODES,
+        ),
+        Flag(
+            "--fraction",
+            "fraction",
+            float,
+            "p, the stratified fraction of the labelled training split used",
+            metavar="P",
+        ),
+        Flag(
+            "--repeat",
+            "repeat",
+            int,
+            "index of the repeat: with --seed it fixes the subset and initialisation",
+        ),
+        Flag("--seed", "seed", int, "base seed of subsets and initialisation"),
+        Flag("--learning-rate", "learning_rate", float, "Adam learning rate"),
+        Flag("--batch-size", "batch_size", int, "samples per step"),
+        Flag("--max-epochs", "max_epochs", int, "at most this many epochs"),
+        Flag(
+            "--patience",
+            "patience",
+            int,
+            "early stopping: epochs without a better validation loss",
+        ),
+    ],
+)
+# The baseline's architecture (a pre-trained encoder keeps its run's).
+BASELINE_FLAGS = FlagTable(
+    EncoderConfig,
+    [
+        Flag("--layers", "layers", int, "baseline depth"),
+        Flag("--width", "width", int, "baseline width"),
+    ],
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--encoder", metavar="RUN_DIR", help="a pre-training run")
     source.add_argument(
@@ -56,49 +98,31 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="random initialisation (no pre-training)",
     )
-    p.add_argument("--mode", choices=MODES, default=DEFAULTS.mode)
     p.add_argument(
         "--data",
         help="converted, labelled dataset (default: the encoder's dataset, or the "
         "built-in synthetic-tcga)",
     )
-    p.add_argument("--fraction", type=float, default=DEFAULTS.fraction, help="p")
-    p.add_argument("--repeat", type=int, default=DEFAULTS.repeat)
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate)
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--max-epochs", type=int, default=DEFAULTS.max_epochs)
-    p.add_argument("--patience", type=int, default=DEFAULTS.patience)
     p.add_argument(
-        "--layers", type=int, default=EncoderConfig.layers, help="baseline depth"
-    )
-    p.add_argument(
-        "--width", type=int, default=EncoderConfig.width, help="baseline width"
+        "--out",
+        help="output folder (default: runs/finetune-<method>-<mode>-p<p>-<date>-<time>)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    FLAGS.add_to(p.add_argument_group("fine-tuning settings"))
+    BASELINE_FLAGS.add_to(p.add_argument_group("baseline architecture"))
     return p
 
 
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.baseline and args.mode == "frozen":
+    config = FLAGS.apply(args, FinetuneConfig())
+    if args.baseline and config.mode == "frozen":
         p.error("the baseline is trained end to end; --mode frozen needs --encoder")
-    config = FinetuneConfig(
-        mode=args.mode,
-        fraction=args.fraction,
-        repeat=args.repeat,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        seed=args.seed,
-    )
     method = "baseline" if args.baseline else "encoder"
     out = args.out or os.path.join(
         "runs",
-        f"finetune-{method}-{args.mode}-p{args.fraction:g}-"
+        f"finetune-{method}-{config.mode}-p{config.fraction:g}-"
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}",
     )
 
@@ -115,7 +139,7 @@ def main(argv=None) -> int:
             out,
             encoder_run=args.encoder,
             config=config,
-            encoder_config=EncoderConfig(layers=args.layers, width=args.width),
+            encoder_config=BASELINE_FLAGS.apply(args, EncoderConfig()),
             log=log,
             command=sys.argv if argv is None else ["scripts/finetune.py", *argv],
         )

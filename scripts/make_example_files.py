@@ -23,9 +23,88 @@ import pandas as pd
 
 from keras_ssrl.data import layouts
 from keras_ssrl.data.builtin import BUILTIN
-from keras_ssrl.data.synthetic import make_synthetic
+from keras_ssrl.data.synthetic import SyntheticExpression, make_synthetic
 
-FORMATS = ("csv", "parquet", "xena", "gdc", "archs4")
+TOOL = "python tfrecords_tools/convert.py"
+
+
+def write_csv(data: SyntheticExpression, stem: str, seed: int) -> str:
+    """A samples-as-rows CSV with a `tissue` label column; returns its command."""
+    path = layouts.write_table(
+        f"{stem}.csv",
+        data.counts,
+        data.sample_ids,
+        data.genes,
+        labels=data.labels,
+        label_column="tissue",
+    )
+    return f"{TOOL} --input {path} --label-column tissue --out {stem}_csv"
+
+
+def write_parquet(data: SyntheticExpression, stem: str, seed: int) -> str:
+    """The same table as Parquet (the authors' format)."""
+    path = layouts.write_table(
+        f"{stem}.parquet",
+        data.counts,
+        data.sample_ids,
+        data.genes,
+        labels=data.labels,
+        label_column="tissue",
+    )
+    return f"{TOOL} --input {path} --label-column tissue --out {stem}_parquet"
+
+
+def write_xena(data: SyntheticExpression, stem: str, seed: int) -> str:
+    """A UCSC Xena log2(x + 1) genes x samples matrix and its phenotype file."""
+    path = layouts.write_xena(
+        f"{stem}_xena.tsv.gz", np.log2(data.counts + 1.0), data.sample_ids, data.genes
+    )
+    pheno = f"{stem}_phenotype.tsv"
+    pd.DataFrame({"sample": data.sample_ids, "_primary_disease": data.labels}).to_csv(
+        pheno, sep="\t", index=False
+    )
+    return (
+        f"{TOOL} --input {path} --format xena --values log2 --labels {pheno} "
+        f"--label-column _primary_disease --out {stem}_from_xena"
+    )
+
+
+def write_gdc(data: SyntheticExpression, stem: str, seed: int) -> str:
+    """A GDC STAR-count folder with its sample sheet."""
+    folder = f"{stem}_gdc"
+    layouts.write_gdc(
+        folder,
+        data.counts,
+        data.sample_ids,
+        data.genes,
+        data.labels,
+        symbols=data.symbols,
+        seed=seed,
+    )
+    return f"{TOOL} --input {folder} --out {stem}_from_gdc"
+
+
+def write_archs4(data: SyntheticExpression, stem: str, seed: int) -> str:
+    """An ARCHS4 v2 HDF5 file whose `source_name_ch1` names the tissue."""
+    path = layouts.write_archs4(
+        f"{stem}.h5",
+        data.counts,
+        data.sample_ids,
+        data.genes,
+        symbols=data.symbols,
+        sample_meta={"source_name_ch1": [f"{lab} tissue" for lab in data.labels]},
+    )
+    return f"{TOOL} --input {path} --label-column source_name_ch1 --out {stem}_from_h5"
+
+
+WRITERS = {
+    "csv": write_csv,
+    "parquet": write_parquet,
+    "xena": write_xena,
+    "gdc": write_gdc,
+    "archs4": write_archs4,
+}
+FORMATS = tuple(WRITERS)
 
 
 def main(argv=None) -> int:
@@ -50,70 +129,12 @@ def main(argv=None) -> int:
     )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.source.replace("-", "_"))
-    counts = data.counts
-    commands = []
-    tool = "python tfrecords_tools/convert.py"
-    if "csv" in formats:
-        path = layouts.write_table(
-            f"{stem}.csv",
-            counts,
-            data.sample_ids,
-            data.genes,
-            labels=data.labels,
-            label_column="tissue",
-        )
-        commands.append(f"{tool} --input {path} --label-column tissue --out {stem}_csv")
-    if "parquet" in formats:
-        path = layouts.write_table(
-            f"{stem}.parquet",
-            counts,
-            data.sample_ids,
-            data.genes,
-            labels=data.labels,
-            label_column="tissue",
-        )
-        commands.append(
-            f"{tool} --input {path} --label-column tissue --out {stem}_parquet"
-        )
-    if "xena" in formats:
-        path = layouts.write_xena(
-            f"{stem}_xena.tsv.gz", np.log2(counts + 1.0), data.sample_ids, data.genes
-        )
-        pheno = f"{stem}_phenotype.tsv"
-        pd.DataFrame(
-            {"sample": data.sample_ids, "_primary_disease": data.labels}
-        ).to_csv(pheno, sep="\t", index=False)
-        commands.append(
-            f"{tool} --input {path} --format xena --values log2 --labels {pheno} "
-            f"--label-column _primary_disease --out {stem}_from_xena"
-        )
-    if "gdc" in formats:
-        folder = f"{stem}_gdc"
-        layouts.write_gdc(
-            folder,
-            counts,
-            data.sample_ids,
-            data.genes,
-            data.labels,
-            symbols=data.symbols,
-            seed=args.seed,
-        )
-        commands.append(f"{tool} --input {folder} --out {stem}_from_gdc")
-    if "archs4" in formats:
-        path = layouts.write_archs4(
-            f"{stem}.h5",
-            counts,
-            data.sample_ids,
-            data.genes,
-            symbols=data.symbols,
-            sample_meta={"source_name_ch1": [f"{lab} tissue" for lab in data.labels]},
-        )
-        commands.append(
-            f"{tool} --input {path} --label-column source_name_ch1 --out {stem}_from_h5"
-        )
+    commands = [
+        WRITERS[name](data, stem, args.seed) for name in FORMATS if name in formats
+    ]
     print(
         f"wrote {len(commands)} file(s) of {args.source} "
-        f"({counts.shape[0]} samples x {counts.shape[1]} genes). Convert with:"
+        f"({data.counts.shape[0]} samples x {data.counts.shape[1]} genes). Convert with:"
     )
     for command in commands:
         print(f"  {command}")

@@ -44,66 +44,102 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_ssrl.config import PretrainConfig  # noqa: E402
-from keras_ssrl.data.errors import DamagedDataError, DataError  # noqa: E402
-from keras_ssrl.methods import METHODS  # noqa: E402
-from keras_ssrl.training import (  # noqa: E402
-    DEFAULT_CHECKPOINT_EVERY,
-    DISTRIBUTE,
+from keras_ssrl.cli import Flag, FlagTable
+from keras_ssrl.config import (
+    EMA_SCHEDULES,
     KEEP,
     PRECISIONS,
     ConfigError,
-    NonFiniteLossError,
-    RunDirError,
-    TrainingInterrupted,
+    PretrainConfig,
     config_from_dict,
-    load_run_config,
+)
+from keras_ssrl.data.errors import DamagedDataError, DataError
+from keras_ssrl.methods import METHODS
+from keras_ssrl.runs import CONFIG_JSON, RunDirError, load_run_config
+from keras_ssrl.training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DISTRIBUTE,
+    NonFiniteLossError,
+    TrainingInterrupted,
     run_pretraining,
 )
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: schedulers see that the job did not finish
-DEFAULTS = PretrainConfig()
 
-# flag dest -> (config path, methods it applies to or None for all)
-FLAGS = {
-    "epochs": ("epochs", None),
-    "batch_size": ("batch_size", None),
-    "learning_rate": ("learning_rate", None),
-    "seed": ("seed", None),
-    "pretrain_fraction": ("pretrain_fraction", None),
-    "precision": ("precision", None),
-    "keep": ("keep", None),
-    "layers": ("encoder.layers", None),
-    "width": ("encoder.width", None),
-    "dropout": ("encoder.dropout", None),
-    "temperature": ("scarf.temperature", ("scarf",)),
-    "alpha": ("vime.alpha", ("vime",)),
-    "mask_rate": ("vime.mask_rate", ("vime",)),
-    "ema_base": ("byol.ema_base", ("byol",)),
-    "ema_schedule": ("byol.ema_schedule", ("byol",)),
-    "symmetric": ("byol.symmetric", ("byol",)),
-}
+# The settings flags; their defaults are PretrainConfig's, shown in --help.
+FLAGS = FlagTable(
+    PretrainConfig,
+    [
+        Flag("--epochs", "epochs", int, "passes over the pre-training split"),
+        Flag("--batch-size", "batch_size", int, "global batch size"),
+        Flag("--learning-rate", "learning_rate", float, "Adam learning rate"),
+        Flag("--layers", "encoder.layers", int, "encoder blocks"),
+        Flag("--width", "encoder.width", int, "encoder width (embedding size)"),
+        Flag("--dropout", "encoder.dropout", float, "dropout after each encoder block"),
+        Flag("--seed", "seed", int, "seed of weights, corruption, data order, subset"),
+        Flag(
+            "--pretrain-fraction",
+            "pretrain_fraction",
+            float,
+            "fraction q of the pre-training split used",
+        ),
+        Flag("--precision", "precision", str, "dtype policy", choices=PRECISIONS),
+        Flag(
+            "--keep", "keep", str, "encoder kept: last or best val loss", choices=KEEP
+        ),
+        Flag(
+            "--corruption-rate",
+            "{method}.corruption_rate",
+            float,
+            "SCARF's corruption rate c, or BYOL's view corruption p",
+            methods=("scarf", "byol"),
+        ),
+        Flag(
+            "--temperature",
+            "scarf.temperature",
+            float,
+            "InfoNCE temperature",
+            methods=("scarf",),
+        ),
+        Flag(
+            "--alpha",
+            "vime.alpha",
+            float,
+            "weight of the feature loss",
+            methods=("vime",),
+        ),
+        Flag(
+            "--mask-rate",
+            "vime.mask_rate",
+            float,
+            "mask probability p_m",
+            methods=("vime",),
+        ),
+        Flag("--ema-base", "byol.ema_base", float, "lambda_base", methods=("byol",)),
+        Flag(
+            "--ema-schedule",
+            "byol.ema_schedule",
+            str,
+            "EMA schedule",
+            choices=EMA_SCHEDULES,
+            methods=("byol",),
+        ),
+        Flag(
+            "--symmetric",
+            "byol.symmetric",
+            bool,
+            "add the swapped loss term",
+            methods=("byol",),
+        ),
+    ],
+)
+# Flags of run options (not config fields) that a `ConfigError.field` may name.
+OPTION_FLAGS = {"checkpoint_every": "--checkpoint-every"}
 
 
 def flag_of(field: str | None) -> str | None:
-    """The command-line flag that sets config path `field`, if there is one."""
-    if field is None:
-        return None
-    if field.endswith(".corruption_rate"):
-        return "--corruption-rate"
-    for dest, (path, _) in FLAGS.items():
-        if path == field:
-            return "--" + dest.replace("_", "-")
-    if field == "checkpoint_every":
-        return "--checkpoint-every"
-    return None
-
-
-def default(path: str):
-    value = DEFAULTS
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
+    """The command-line flag that sets config path (or run option) `field`."""
+    return FLAGS.flag_of(field) or OPTION_FLAGS.get(field)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,56 +166,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last complete checkpoint",
     )
-
-    def flag(name, dest, kind, help_text, **kwargs):
-        p.add_argument(
-            name,
-            dest=dest,
-            type=kind,
-            default=None,
-            help=f"{help_text} (default: {default(FLAGS[dest][0])})",
-            **kwargs,
-        )
-
-    flag("--epochs", "epochs", int, "passes over the pre-training split")
-    flag("--batch-size", "batch_size", int, "global batch size")
-    flag("--learning-rate", "learning_rate", float, "Adam learning rate")
-    flag("--layers", "layers", int, "encoder blocks")
-    flag("--width", "width", int, "encoder width (embedding size)")
-    flag("--dropout", "dropout", float, "dropout after each encoder block")
-    flag("--seed", "seed", int, "seed of weights, corruption, data order, subset")
-    flag(
-        "--pretrain-fraction",
-        "pretrain_fraction",
-        float,
-        "fraction q of the pre-training split used",
-    )
-    flag("--precision", "precision", str, "dtype policy", choices=PRECISIONS)
-    flag("--keep", "keep", str, "encoder kept: last or best val loss", choices=KEEP)
-    p.add_argument(
-        "--corruption-rate",
-        type=float,
-        default=None,
-        help="SCARF's corruption rate c, or BYOL's view corruption p (default: "
-        f"{DEFAULTS.scarf.corruption_rate} / {DEFAULTS.byol.corruption_rate})",
-    )
-    flag("--temperature", "temperature", float, "SCARF InfoNCE temperature")
-    flag("--alpha", "alpha", float, "VIME weight of the feature loss")
-    flag("--mask-rate", "mask_rate", float, "VIME mask probability p_m")
-    flag("--ema-base", "ema_base", float, "BYOL lambda_base")
-    flag(
-        "--ema-schedule",
-        "ema_schedule",
-        str,
-        "BYOL EMA schedule",
-        choices=("cosine", "constant"),
-    )
-    p.add_argument(
-        "--symmetric",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"BYOL: add the swapped loss term (default: {DEFAULTS.byol.symmetric})",
-    )
+    FLAGS.add_to(p)
     p.add_argument("--distribute", choices=DISTRIBUTE, default="none")
     p.add_argument(
         "--checkpoint-every",
@@ -199,14 +186,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def set_path(config: PretrainConfig, path: str, value) -> None:
-    *parents, name = path.split(".")
-    target = config
-    for part in parents:
-        target = getattr(target, part)
-    setattr(target, name, value)
-
-
 def resolve_config(args, p: argparse.ArgumentParser) -> PretrainConfig:
     """Defaults <- saved run (with --resume) <- --config file <- explicit flags."""
     config = PretrainConfig()
@@ -217,7 +196,7 @@ def resolve_config(args, p: argparse.ArgumentParser) -> PretrainConfig:
                 config = config_from_dict(saved)
             except ConfigError as error:
                 raise RunDirError(
-                    f"{os.path.join(args.out, 'config.json')}: not a pre-training "
+                    f"{os.path.join(args.out, CONFIG_JSON)}: not a pre-training "
                     f"run's configuration ({error})"
                 ) from None
     if args.config:
@@ -227,23 +206,10 @@ def resolve_config(args, p: argparse.ArgumentParser) -> PretrainConfig:
         except (OSError, ValueError, TypeError) as error:
             p.error(f"--config {args.config}: {error}")
     config.method = args.method
-    for dest, (path, methods) in FLAGS.items():
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if methods and args.method not in methods:
-            p.error(
-                f"--{dest.replace('_', '-')} applies to {', '.join(methods)}, not "
-                f"{args.method}"
-            )
-        set_path(config, path, value)
-    if args.corruption_rate is not None:
-        if args.method == "vime":
-            p.error(
-                "--corruption-rate applies to scarf and byol; VIME uses --mask-rate"
-            )
-        set_path(config, f"{args.method}.corruption_rate", args.corruption_rate)
-    return config
+    try:
+        return FLAGS.apply(args, config, method=args.method)
+    except ValueError as error:  # a flag of another method
+        p.error(str(error))
 
 
 def main(argv=None) -> int:

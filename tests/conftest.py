@@ -127,7 +127,7 @@ def labelled_dir(tmp_path_factory):
 
 
 def tiny_pretrain_config(method: str = "scarf", epochs: int = 1):
-    from keras_ssrl.training import config_from_dict
+    from keras_ssrl.config import config_from_dict
 
     return config_from_dict(
         {

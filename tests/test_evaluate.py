@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from keras_ssrl.evaluation import protocol
+from keras_ssrl.evaluation import experiments, results, runner
 from keras_ssrl.evaluation.aupc import aupc, aupc_gain, paired_bootstrap_gain
 from keras_ssrl.evaluation.report import write_report
 from tests.conftest import load_script
@@ -68,7 +68,7 @@ def test_paired_bootstrap_interval_covers_the_true_gain():
 
 
 def test_every_run_belongs_to_exactly_one_shard():
-    experiment = protocol.Experiment(
+    experiment = experiments.Experiment(
         kind="architectures",
         methods=("baseline", "scarf", "byol"),
         fractions=(0.02, 0.1, 0.3),
@@ -76,34 +76,98 @@ def test_every_run_belongs_to_exactly_one_shard():
         depths=(2, 3),
         widths=(8, 16),
     )
-    units = protocol.build_units(experiment)
+    units = experiments.build_units(experiment)
     every = [r.key for u in units for r in u.runs]
     assert len(every) == len(set(every)) == 2 * 2 * 3 * 3 * 2
     for n in (1, 2, 3, 5):
         seen = [
             r.key
             for i in range(1, n + 1)
-            for u in protocol.shard_units(units, (i, n))
+            for u in experiments.shard_units(units, (i, n))
             for r in u.runs
         ]
         assert sorted(seen) == sorted(every)
         loads = [
-            sum(protocol.unit_cost(u) for u in protocol.shard_units(units, (i, n)))
+            sum(experiments.unit_cost(u) for u in experiments.shard_units(units, (i, n)))
             for i in range(1, n + 1)
         ]  # balanced: no shard exceeds another by more than one unit
-        assert max(loads) - min(loads) <= max(protocol.unit_cost(u) for u in units)
+        assert max(loads) - min(loads) <= max(experiments.unit_cost(u) for u in units)
     # A unit keeps a pre-trained encoder's runs together (pre-trained once).
     scarf = [u for u in units if u.pretrain and u.pretrain.method == "scarf"]
     assert len(scarf) == 4 and all(len(u.runs) == 6 for u in scarf)
-    with pytest.raises(protocol.ProtocolError, match="i/n"):
-        protocol.parse_shard("2")
-    with pytest.raises(protocol.ProtocolError, match="between"):
-        protocol.parse_shard("3/2")
+    with pytest.raises(experiments.ProtocolError, match="i/n"):
+        experiments.parse_shard("2")
+    with pytest.raises(experiments.ProtocolError, match="between"):
+        experiments.parse_shard("3/2")
+
+
+def test_presets_hold_the_grids_of_each_reproduction():
+    """The registry gives the sweeps the grids reproduce.py has always run."""
+    from keras_ssrl.config import (
+        FULL_FRACTIONS,
+        FULL_PRETRAIN_SIZES,
+        PRESETS,
+        QUICK_FRACTIONS,
+        reproduction_plan,
+    )
+
+    def grids(preset):
+        return {s.kind: (s.folder, s.fractions, s.repeats, s.depths, s.widths,
+                         s.pretrain_sizes) for s in reproduction_plan(preset)}  # fmt: skip
+
+    quick_aupc = (0.02, 0.05, 0.1, 0.2, 0.3)
+    assert grids("quick") == {
+        "label-efficiency": ("label-efficiency", QUICK_FRACTIONS, 3, (4,), (256,), (1.0,)),
+        "architectures": ("architectures", quick_aupc, 3, (2, 4, 6), (256,), (1.0,)),
+        "pretrain-size": ("pretrain-size", (0.1,), 3, (4,), (256,), (0.05, 0.2, 1.0)),
+    }  # fmt: skip
+    paper = grids("paper")
+    assert paper["label-efficiency"][1:3] == (FULL_FRACTIONS, 5)
+    assert len(FULL_FRACTIONS) == 99
+    assert paper["architectures"][1][0] == 0.02 and paper["architectures"][1][-1] == 0.3
+    assert len(paper["architectures"][1]) == 29
+    assert paper["architectures"][3:5] == (tuple(range(2, 11)), (256, 1024))
+    assert paper["pretrain-size"][5] == FULL_PRETRAIN_SIZES
+    assert len(FULL_PRETRAIN_SIZES) == 24
+    assert grids("smoke") == {
+        "label-efficiency": ("label-efficiency", (0.05, 0.3), 1, (2,), (16,), (1.0,)),
+        "architectures": ("architectures", (0.05, 0.3), 1, (1, 2), (16,), (1.0,)),
+        "pretrain-size": ("pretrain-size", (0.1,), 1, (2,), (16,), (0.5, 1.0)),
+    }  # fmt: skip
+    # The command line's named grids are the presets' grids.
+    assert experiments.grid_values("quick", "label-efficiency", "fractions", "-") == (
+        PRESETS["quick"].fractions
+    )
+    assert experiments.grid_values("full", "architectures", "fractions", "-") == (
+        PRESETS["paper"].architecture_fractions
+    )
+    listed = experiments.grid_values("0.1,0.3", "architectures", "fractions", "-")
+    assert listed == (0.1, 0.3)
+    repeats = [experiments.default_repeats(g) for g in ("quick", "full", None)]
+    assert repeats == [3, 5, 5]
+
+
+def test_evaluate_flags_default_to_the_configs(cli, capsys):
+    """Settings flags come from flag tables over the configs: no restated default."""
+    from keras_ssrl.config import FinetuneConfig, PretrainConfig
+
+    args = cli.parser().parse_args(["label-efficiency", "--pretrain"])
+    experiment = cli.experiment_of(args)
+    assert experiment.finetune == FinetuneConfig()
+    assert experiment.pretrain_epochs == PretrainConfig().epochs
+    assert (experiment.depths, experiment.widths) == ((4,), (256,))
+    args = cli.parser().parse_args(["logreg", "--seed", "3", "--max-epochs", "7"])
+    experiment = cli.experiment_of(args)
+    assert experiment.finetune == FinetuneConfig(seed=3, max_epochs=7)
+    assert experiment.seed == 3 and experiment.modes == ("unfrozen",)
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["architectures", "--help"])
+    assert "epochs at most (default: 100)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_progress_reports_an_eta():
     stream = io.StringIO()
-    progress = protocol.Progress(4, "sweep", stream=stream, every=0.0)
+    progress = runner.Progress(4, "sweep", stream=stream, every=0.0)
     for _ in range(4):
         progress.update("note")
     text = stream.getvalue()
@@ -130,7 +194,7 @@ def test_label_efficiency_writes_results_table_and_figure(label_efficiency):
         os.listdir(out)
     )
     table = rows(os.path.join(out, "results.csv"))
-    assert list(table[0]) == list(protocol.RESULT_COLUMNS)
+    assert list(table[0]) == list(results.RESULT_COLUMNS)
     # 2 fractions x (baseline + scarf frozen + scarf unfrozen + logreg), 1 repeat.
     assert len(table) == 8
     combos = {(r["method"], r["mode"]) for r in table}
@@ -174,11 +238,11 @@ def test_shards_merge_into_the_same_results(cli, label_efficiency, tmp_path, cap
     for shard in ("2/3", "3/3"):
         assert cli.main([*args, "--out", sharded, "--shard", shard]) == 0
     parts = [rows(os.path.join(sharded, f"results.shard-{i}-of-3.csv")) for i in (1, 2, 3)]
-    keys = [protocol.row_key(r) for part in parts for r in part]
+    keys = [results.row_key(r) for part in parts for r in part]
     assert len(keys) == len(set(keys)) == 8  # disjoint, complete
     assert cli.main(["merge", "--out", sharded]) == 0
-    merged = {protocol.row_key(r): r for r in rows(os.path.join(sharded, "results.csv"))}
-    single = {protocol.row_key(r): r for r in rows(os.path.join(out, "results.csv"))}
+    merged = {results.row_key(r): r for r in rows(os.path.join(sharded, "results.csv"))}
+    single = {results.row_key(r): r for r in rows(os.path.join(out, "results.csv"))}
     assert merged.keys() == single.keys()
     for key in single:
         assert merged[key]["accuracy"] == single[key]["accuracy"], key
@@ -262,7 +326,7 @@ def test_transfer_setting_aligns_both_datasets_on_common_genes(labelled_dir, tmp
     archs4 = str(tmp_path / "archs4")
     source = builtin_source("synthetic-archs4", n_samples=400, n_genes=120)
     convert(source, archs4, ConversionConfig(shards=1), log=lambda _: None)
-    pre, fine = protocol.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
+    pre, fine = runner.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
     a, b = Manifest.load(pre), Manifest.load(fine)
     assert a.genes == b.genes  # same genes, same order
     common = set(Manifest.load(archs4).genes) & set(Manifest.load(labelled_dir).genes)
@@ -270,7 +334,7 @@ def test_transfer_setting_aligns_both_datasets_on_common_genes(labelled_dir, tmp
     # Each keeps its own samples and labels; written once, reused.
     assert a.num_records("pretrain") == Manifest.load(archs4).num_records("pretrain")
     assert b.labels == Manifest.load(labelled_dir).labels
-    again = protocol.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
+    again = runner.align_pair(archs4, labelled_dir, str(tmp_path / "cache"), log=print)
     assert again == (pre, fine)
 
 

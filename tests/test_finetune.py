@@ -191,3 +191,23 @@ def test_finetune_cli_baseline_and_errors(data_dir, scarf_run, tmp_path, capsys)
                      "--out", str(tmp_path / "x")])  # fmt: skip
     assert code == 2
     assert "not a pre-training run" in capsys.readouterr().err
+
+
+def test_finetune_cli_help_shows_every_default_once(capsys):
+    cli = load_script("scripts/finetune.py")
+    parser = cli.parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all(helps.values()), [dest for dest, text in helps.items() if not text]
+    tables = ((cli.FLAGS, FinetuneConfig()), (cli.BASELINE_FLAGS, EncoderConfig()))
+    for table, defaults in tables:
+        for flag in table.flags:
+            text = helps[flag.dest]
+            assert text.count("(default: ") == 1, text
+            assert f"(default: {getattr(defaults, flag.path)})" in text, text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "(default: None)" not in capsys.readouterr().out
+    # Defaults come from the config dataclasses; a flag overrides only its own field.
+    args = parser.parse_args(["--baseline", "--patience", "3", "--width", "8"])
+    assert cli.FLAGS.apply(args, FinetuneConfig()) == FinetuneConfig(patience=3)
+    assert cli.BASELINE_FLAGS.apply(args, EncoderConfig()) == EncoderConfig(width=8)

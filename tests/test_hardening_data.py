@@ -25,7 +25,7 @@ from tests.conftest import (
 )
 
 convert_cli = load_script("tfrecords_tools/convert.py")
-inspect_cli = load_script("tfrecords_tools/inspect.py")
+verify_cli = load_script("tfrecords_tools/verify.py")
 align_cli = load_script("tfrecords_tools/align.py")
 QUIET = {"log": lambda _: None}
 
@@ -105,7 +105,7 @@ def test_shard_entries_outside_the_folder_are_refused(
     genes.write_text("\n".join(Manifest.load(dataset_dir).genes) + "\n")
     before = tree_digest(tmp_path)
 
-    assert run(inspect_cli, data) == 2
+    assert run(verify_cli, data) == 2
     (line,) = error_lines(capsys)
     assert repr(entry) in line and "manifest.json" in line
 
@@ -358,9 +358,9 @@ def one_gene_less(manifest):
         (one_gene_less, "n_genes says 22 (88 bytes of float32), every shard's records"),
     ],
 )
-def test_inspect_names_the_manifest_once(dataset_dir, tmp_path, capsys, edit, message):
+def test_verify_names_the_manifest_once(dataset_dir, tmp_path, capsys, edit, message):
     data = edited(dataset_dir, tmp_path, edit)
-    assert run(inspect_cli, data) == 1
+    assert run(verify_cli, data) == 1
     err = capsys.readouterr().err
     assert "FAILED: 1 problem(s)" in err and "Traceback" not in err
     assert "manifest.json is inconsistent" in err and message in err
@@ -382,7 +382,7 @@ def test_align_names_a_damaged_shard(dataset_dir, tmp_path, capsys):
     genes.write_text("\n".join(Manifest.load(dataset_dir).genes) + "\n")
     assert run(align_cli, data, "--to", genes, "--out", tmp_path / "out") == 1
     line = error_lines(capsys)[0]
-    assert shard.name in line and "inspect.py" in line
+    assert shard.name in line and "verify.py" in line
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 

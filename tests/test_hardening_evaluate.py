@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from keras_ssrl.evaluation import protocol
+from keras_ssrl.evaluation import experiments, results
 from tests.conftest import ROOT, array_source, load_script, small_matrix, tree_digest
 
 LOGREG = ["logreg", "--fractions", "0.05,0.3", "--repeats", "1"]
@@ -57,14 +57,14 @@ def row(fraction: str, **changes) -> dict:
 
 def experiment_folder(folder, data_dir, fractions=(0.05, 0.3)) -> str:
     """An experiment folder with `experiment.json` and one shard table per fraction."""
-    experiment = protocol.Experiment(
+    experiment = experiments.Experiment(
         kind="label-efficiency", setting="custom", finetune_data=data_dir,
         methods=("logreg",), modes=("unfrozen",), fractions=fractions, repeats=1,
     )  # fmt: skip
     out = str(folder)
-    protocol.prepare_out(experiment, out)
+    results.prepare_out(experiment, out)
     for i, p in enumerate(("0.05", "0.3"), start=1):
-        protocol.write_results(
+        results.write_results(
             os.path.join(out, f"results.shard-{i}-of-2.csv"), [row(p)]
         )
     return out
@@ -171,7 +171,7 @@ def test_repeated_fractions_are_planned_once(cli, labelled_dir, tmp_path, capsys
     assert cli.main([*args, "--data", labelled_dir, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "fractions: 0.05 is given twice; it is planned once" in err
-    rows = protocol.read_results(str(out / "results.csv"))
+    rows = results.read_results(str(out / "results.csv"))
     assert sorted(r["p"] for r in rows) == ["0.05", "0.3"]
 
 
@@ -209,7 +209,7 @@ def test_merge_refuses_impossible_or_cut_rows(cli, labelled_dir, tmp_path, capsy
     out = experiment_folder(tmp_path / "exp", labelled_dir)
     shard = os.path.join(out, "results.shard-2-of-2.csv")
     if isinstance(damage, dict):
-        protocol.write_results(shard, [row("0.3", **damage)])
+        results.write_results(shard, [row("0.3", **damage)])
     else:  # a second row, cut by a writer that stopped (or a short line)
         with open(shard, "a") as handle:
             handle.write("custom,logreg,none,4x256,1,0.05,1,7,19,0.8,0.7")
@@ -226,7 +226,7 @@ def test_merge_with_a_non_numeric_cell_prints_one_line(labelled_dir, tmp_path):
     """As a user runs it: exit 2, one `error:` line, no traceback."""
     out = experiment_folder(tmp_path / "exp", labelled_dir)
     shard = os.path.join(out, "results.shard-1-of-2.csv")
-    protocol.write_results(shard, [row("0.05", accuracy="0,8")])
+    results.write_results(shard, [row("0.05", accuracy="0,8")])
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "merge",
          "--out", out],
@@ -241,13 +241,13 @@ def test_merge_with_a_non_numeric_cell_prints_one_line(labelled_dir, tmp_path):
 def test_valid_shards_merge(cli, labelled_dir, tmp_path):
     out = experiment_folder(tmp_path / "exp", labelled_dir)
     assert cli.main(["merge", "--out", out]) == 0
-    assert len(protocol.read_results(os.path.join(out, "results.csv"))) == 2
+    assert len(results.read_results(os.path.join(out, "results.csv"))) == 2
     assert os.path.exists(os.path.join(out, "aupc.csv"))
 
 
 def test_resume_refuses_a_damaged_results_table(cli, labelled_dir, tmp_path, capsys):
     out = experiment_folder(tmp_path / "exp", labelled_dir)
-    protocol.write_results(
+    results.write_results(
         os.path.join(out, "results.csv"), [row("0.05", accuracy="5.0")]
     )
     before = tree_digest(out)
@@ -286,7 +286,7 @@ def test_second_process_on_one_results_table_is_refused(
     cli, labelled_dir, tmp_path, capsys
 ):
     out = experiment_folder(tmp_path / "exp", labelled_dir)
-    holder = Holder(out, protocol.lock_name(None))
+    holder = Holder(out, results.lock_name(None))
     try:
         before = tree_digest(out)
         for args in (["merge", "--out", out],
@@ -304,7 +304,7 @@ def test_second_process_on_one_results_table_is_refused(
 def test_shards_lock_only_their_own_table(cli, labelled_dir, tmp_path, capsys):
     out = str(tmp_path / "sharded")
     args = [*LOGREG, "--data", labelled_dir, "--out", out]
-    holder = Holder(out, protocol.lock_name((1, 2)))
+    holder = Holder(out, results.lock_name((1, 2)))
     try:
         assert cli.main([*args, "--shard", "1/2"]) == 2
         assert f"process {holder.process.pid}" in error_line(capsys)
@@ -380,8 +380,8 @@ def test_reproduce_checks_every_experiment_before_the_first(labelled_dir, tmp_pa
     assert not out.exists()
     # The third experiment's folder holds another experiment: refused before the
     # first one trains anything.
-    other = protocol.Experiment(kind="pretrain-size", fractions=(0.1,))
-    protocol.prepare_out(other, str(out / "pretrain-size"))
+    other = experiments.Experiment(kind="pretrain-size", fractions=(0.1,))
+    results.prepare_out(other, str(out / "pretrain-size"))
     before = tree_digest(out)
     assert reproduce.main(common) == 2
     assert "holds another experiment" in error_line(capsys)

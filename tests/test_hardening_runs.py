@@ -14,12 +14,16 @@ import sys
 import keras
 import pytest
 
-from keras_ssrl.config import ConversionConfig, PretrainConfig
+from keras_ssrl.config import (
+    ConfigError,
+    ConversionConfig,
+    PretrainConfig,
+    validate_config,
+)
 from keras_ssrl.data.convert import convert
 from keras_ssrl.data.manifest import Manifest
 from keras_ssrl.files import LOCK_FILE, FolderLock
 from keras_ssrl.finetuning import FinetuneError, check_labelled_splits
-from keras_ssrl.training import ConfigError, validate_config
 from tests.conftest import array_source, load_script, quiet, small_matrix, tree_digest
 
 pretrain_cli = load_script("scripts/pretrain.py")
@@ -60,7 +64,9 @@ def assert_clean_error(err: str, *names: str) -> None:
 
     Warnings (small test splits) may come first, on lines of their own.
     """
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    lines = [
+        line for line in err.strip().splitlines() if not line.startswith("warning:")
+    ]
     assert lines and lines[0].startswith("error: "), err
     assert len(lines) <= 2 and "Traceback" not in err, err
     for name in names:
@@ -141,7 +147,10 @@ def test_refused_pretraining_leaves_no_trace(labelled_dir, tmp_path, preset, sen
         assert_clean_error(err, *names)
         assert not out.exists(), extra
     for extra, names in [
-        (["--method", "vime", "--mask-rate", "-0.1"], ["vime.mask_rate", "--mask-rate"]),
+        (
+            ["--method", "vime", "--mask-rate", "-0.1"],
+            ["vime.mask_rate", "--mask-rate"],
+        ),
         (["--method", "byol", "--ema-base", "1.5"], ["byol.ema_base", "--ema-base"]),
     ]:  # the later --method wins
         code, err = run(pretrain_cli, pretrain_args(labelled_dir, out, preset, *extra),
@@ -226,22 +235,22 @@ def test_damaged_shard_is_named(labelled_dir, tmp_path, preset, sentinel, capsys
     out = tmp_path / "run"
     code, err = run(pretrain_cli, pretrain_args(data, out, preset), capsys)
     assert code == 1, err
-    assert_clean_error(err, os.path.basename(shard), "tfrecords_tools/inspect.py")
+    assert_clean_error(err, os.path.basename(shard), "tfrecords_tools/verify.py")
     assert tree_digest(sentinel) == sentinel_before
 
 
 def test_sigterm_once_training_finished_completes_the_run(
     labelled_dir, tmp_path, preset, monkeypatch, capsys
 ):
-    from keras_ssrl import training
+    from keras_ssrl.training import outputs
 
-    write_projector = training._write_projector
+    write_projector = outputs.write_projector
 
     def signalled(*args, **kwargs):  # SIGTERM while the outputs are being written
         os.kill(os.getpid(), signal.SIGTERM)
         return write_projector(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_write_projector", signalled)
+    monkeypatch.setattr(outputs, "write_projector", signalled)
 
     def killed(signum, frame):  # the default action: the process would end (143)
         raise RuntimeError("SIGTERM ended the process after training")

@@ -22,9 +22,11 @@ from keras_ssrl.data.manifest import Manifest
 from keras_ssrl.encoders import build_encoder
 from keras_ssrl.files import FolderLock
 from keras_ssrl.finetuning import build_classifier
-from keras_ssrl.serving import export as se
-from tests.conftest import load_script, tree_digest, write_samples_as_rows
-from tests.test_serving import make_pretraining_run, quiet
+from keras_ssrl.serving import verify
+from keras_ssrl.serving.contract import ExportError
+from keras_ssrl.serving.export import export_run
+from tests.conftest import load_script, quiet, tree_digest, write_samples_as_rows
+from tests.serving_fixtures import make_pretraining_run
 
 export_cli = load_script("export/export_model.py")
 client_cli = load_script("export/client.py")
@@ -42,43 +44,43 @@ def _classifier(policy: str, n_genes: int = 23):
 
 
 def test_tolerance_follows_the_compute_dtype_of_nested_layers():
-    assert se.tolerance_for(_classifier("float32")) == {
+    assert verify.tolerance_for(_classifier("float32")) == {
         "compute_dtype": "float32",
         "layers": 0,
-        **se.TOLERANCE["float32"],
+        **verify.TOLERANCE["float32"],
     }
     # The classifier and its head are float32; the 16-bit layers sit in the encoder.
-    f16 = se.tolerance_for(_classifier("mixed_float16"))
+    f16 = verify.tolerance_for(_classifier("mixed_float16"))
     assert f16["compute_dtype"] == "float16" and f16["layers"] == 6
     assert f16["rtol"] == pytest.approx(2 * 2.0**-10 * 6)
-    bf16 = se.tolerance_for(_classifier("mixed_bfloat16"))
+    bf16 = verify.tolerance_for(_classifier("mixed_bfloat16"))
     assert bf16["compute_dtype"] == "bfloat16"
     assert bf16["rtol"] == pytest.approx(8 * f16["rtol"])  # eps 2^-7 vs 2^-10
 
 
 def test_mixed_float16_verification_accepts_rounding_refuses_real_differences():
-    tol = se.tolerance_for(_classifier("mixed_float16"))
+    tol = verify.tolerance_for(_classifier("mixed_float16"))
     rng = np.random.default_rng(0)
     embedding = rng.uniform(0.5, 1.5, (8, 16)).astype(np.float32)
     # What an Intel AVX-512 CPU gave between the Keras call and the served graph.
     rounded = {"embedding": embedding + np.float32(0.0039)}
     reference = {"embedding": embedding}
-    report = se.check_outputs("serving_default", rounded, reference, tol)
+    report = verify.check_outputs("serving_default", rounded, reference, tol)
     assert report["serving_default/embedding"] == pytest.approx(0.0039, rel=1e-3)
     # The former fixed float32 bound refused it: the export failed on that CPU.
-    with pytest.raises(se.ExportError, match="differs from the Keras model"):
-        se.check_outputs(
-            "serving_default", rounded, reference, {**se.TOLERANCE["float32"]}
+    with pytest.raises(ExportError, match="differs from the Keras model"):
+        verify.check_outputs(
+            "serving_default", rounded, reference, {**verify.TOLERANCE["float32"]}
         )
     wrong = {"embedding": embedding + np.float32(0.1)}
     with pytest.raises(
-        se.ExportError, match=r"on embedding by up to 0\.1 .*float16 compute"
+        ExportError, match=r"on embedding by up to 0\.1 .*float16 compute"
     ):
-        se.check_outputs("serving_default", wrong, reference, tol)
+        verify.check_outputs("serving_default", wrong, reference, tol)
 
 
 def test_predicted_classes_must_agree_except_near_ties():
-    tol = se.tolerance_for(_classifier("mixed_float16"))
+    tol = verify.tolerance_for(_classifier("mixed_float16"))
     names = ["a", "b", "c"]
 
     def served(probabilities, class_id):
@@ -90,16 +92,16 @@ def test_predicted_classes_must_agree_except_near_ties():
 
     def check(out, reference):
         ref = {"probabilities": np.array(reference, np.float32)}
-        return se.check_outputs("serving_default", out, ref, tol, names)
+        return verify.check_outputs("serving_default", out, ref, tol, names)
 
     # A near-tie (gap 0.005, within the bound): rounding may decide either way.
     check(served([[0.4975, 0.5025, 0.0]], [1]), [[0.5025, 0.4975, 0.0]])
     # Every probability within the bound, but the Keras model's classes are 0.03
     # apart: a flipped class is a wrong prediction.
-    with pytest.raises(se.ExportError, match=r"another class .* probe row\(s\) 0"):
+    with pytest.raises(ExportError, match=r"another class .* probe row\(s\) 0"):
         check(served([[0.499, 0.501, 0.0]], [1]), [[0.515, 0.485, 0.0]])
     # class_id must be the served graph's own most probable class.
-    with pytest.raises(se.ExportError, match="class_id is not the most probable"):
+    with pytest.raises(ExportError, match="class_id is not the most probable"):
         check(served([[0.6, 0.4, 0.0]], [1]), [[0.6, 0.4, 0.0]])
 
 
@@ -114,7 +116,7 @@ def served(tmp_path_factory, dataset_dir):
     shutil.copytree(dataset_dir, data)
     run = make_pretraining_run(root / "run", data)
     base = root / "models"
-    version = se.export_run(run, str(base), log=quiet)
+    version = export_run(run, str(base), log=quiet)
     return {"root": root, "data": data, "run": run, "base": base, "version": version}
 
 

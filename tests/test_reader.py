@@ -157,7 +157,7 @@ def test_reads_through_tensorflow_filesystems(dataset_dir):
 def test_works_without_tensorflow_io(monkeypatch):
     import sys
 
-    from keras_ssrl.data import filesystems
+    from keras_ssrl import filesystems
 
     monkeypatch.setitem(sys.modules, "tensorflow_io", None)  # import fails
     monkeypatch.setattr(filesystems, "_registered", None)

@@ -392,7 +392,11 @@ def test_archs4_round_trip(tmp_path, data, layout):
 def test_archs4_gene_id_choices(tmp_path, data):
     samples = [f"GSM{i}" for i in range(N_SAMPLES)]
     path = write_archs4(
-        tmp_path / "h.h5", data["counts"], samples, data["genes"], data["symbols"]
+        tmp_path / "h.h5",
+        data["counts"],
+        samples,
+        data["genes"],
+        symbols=data["symbols"],
     )
     assert open_archs4(path, gene_id="ensembl").genes == data["genes"]
     symbol = open_archs4(path, gene_id="symbol")

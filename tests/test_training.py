@@ -16,18 +16,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ssrl.callbacks import CheckpointStore
-from keras_ssrl.config import PretrainConfig
+from keras_ssrl.config import ConfigError, PretrainConfig, config_from_dict
+from keras_ssrl.runs import RunDirError
 from keras_ssrl.training import (
-    ConfigError,
+    CheckpointStore,
     NonFiniteLossError,
-    RunDirError,
     TrainingPlan,
-    _seed_states,
-    config_from_dict,
     pretrain_subset,
     resolve_precision,
     run_pretraining,
+    seed_states,
     steps_per_epoch,
 )
 from tests.conftest import ROOT, converted_builtin, load_script
@@ -218,7 +216,7 @@ def test_checkpoint_restores_everything(tmp_path):
             model.compile(optimizer=keras.optimizers.Adam(1e-3))
             model.optimizer.build(model.trainable_variables)
             checkpoint = tf.train.Checkpoint(
-                model=model, optimizer=model.optimizer, seed_states=_seed_states(model)
+                model=model, optimizer=model.optimizer, seed_states=seed_states(model)
             )
             return model, checkpoint
 

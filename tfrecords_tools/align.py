@@ -17,21 +17,29 @@ never DATASET, the --to target or a folder holding anything else.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-# This folder holds a script named inspect.py: keep it (and its neighbours) from
-# shadowing the standard library's `inspect`, which numpy and TensorFlow import.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import argparse  # noqa: E402
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
+from keras_ssrl.config import ConversionConfig  # noqa: E402
 from keras_ssrl.data import DataError  # noqa: E402
 from keras_ssrl.data.align import rewrite_onto, target_genes  # noqa: E402
 from keras_ssrl.data.errors import report_error  # noqa: E402
+
+FLAGS = FlagTable(
+    ConversionConfig,
+    [
+        Flag(
+            "--min-overlap",
+            "align_min_overlap",
+            float,
+            "refuse when fewer than this fraction of the target's genes is found",
+        )
+    ],
+)
 
 
 def main(argv=None) -> int:
@@ -39,9 +47,10 @@ def main(argv=None) -> int:
     parser.add_argument("dataset", help="the converted dataset to re-write")
     parser.add_argument("--to", required=True, help="dataset folder or gene-list file")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--min-overlap", type=float, default=0.5)
+    FLAGS.add_to(parser)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    config = FLAGS.apply(args, ConversionConfig())
     try:
         genes, name = target_genes(args.to)
         rewrite_onto(
@@ -49,7 +58,7 @@ def main(argv=None) -> int:
             genes,
             args.out,
             target_name=name,
-            min_overlap=args.min_overlap,
+            min_overlap=config.align_min_overlap,
             overwrite=args.overwrite,
             inputs=[args.to],
             command=sys.argv if argv is None else argv,

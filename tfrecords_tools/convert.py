@@ -32,18 +32,13 @@ is, holds or lies inside an input.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-# This folder holds a script named inspect.py: keep it (and its neighbours) from
-# shadowing the standard library's `inspect`, which numpy and TensorFlow import.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import argparse  # noqa: E402
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
 from keras_ssrl.config import (  # noqa: E402
     ARCHS4_FINETUNE_FRACTION,
     TCGA_FINETUNE_FRACTION,
@@ -53,10 +48,21 @@ from keras_ssrl.config import (  # noqa: E402
 from keras_ssrl.data import DataError, convert  # noqa: E402
 from keras_ssrl.data.align import target_genes  # noqa: E402
 from keras_ssrl.data.builtin import BUILTIN, builtin_source  # noqa: E402
-from keras_ssrl.data.convert import validate_config  # noqa: E402
 from keras_ssrl.data.errors import report_error  # noqa: E402
+from keras_ssrl.data.genes import DUPLICATE_POLICIES  # noqa: E402
+from keras_ssrl.data.labels import MISSING_LABEL_POLICIES  # noqa: E402
 from keras_ssrl.data.output import check_output  # noqa: E402
-from keras_ssrl.data.sources import FORMATS, open_source  # noqa: E402
+from keras_ssrl.data.preprocessing import TRANSFORMS, VALUE_KINDS  # noqa: E402
+from keras_ssrl.data.schema import RECORD_DTYPES  # noqa: E402
+from keras_ssrl.data.sources import (  # noqa: E402
+    DEFAULT_RULE_FIELDS,
+    FORMATS,
+    open_source,
+)
+from keras_ssrl.data.validation import (  # noqa: E402
+    MISSING_VALUE_POLICIES,
+    validate_config,
+)
 
 SIZE_PRESETS = {"tcga": TCGA_FINETUNE_FRACTION, "archs4": ARCHS4_FINETUNE_FRACTION}
 
@@ -68,17 +74,119 @@ def size(text: str) -> float:
     return value
 
 
+# The settings flags, by argument group; their defaults are ConversionConfig's.
+INPUT_FLAGS = FlagTable(
+    ConversionConfig,
+    [
+        Flag(
+            "--values",
+            "values",
+            help="what the file holds; log2 = already log-transformed",
+            choices=VALUE_KINDS,
+        ),
+        Flag(
+            "--transform",
+            "transform",
+            help="applied to counts / TPM before storing",
+            choices=TRANSFORMS,
+        ),
+    ],
+)
+POLICY_FLAGS = FlagTable(
+    ConversionConfig,
+    [
+        Flag(
+            "--duplicate-genes",
+            "duplicate_genes",
+            help="rows with the same gene id: an error, or how to merge them",
+            choices=DUPLICATE_POLICIES,
+        ),
+        Flag(
+            "--missing-values",
+            "missing_values",
+            help="NaN / NA cells: an error, set to 0, or drop their genes",
+            choices=MISSING_VALUE_POLICIES,
+        ),
+        Flag(
+            "--missing-labels",
+            "missing_labels",
+            help="samples without a label: an error, pre-training only, or dropped",
+            choices=MISSING_LABEL_POLICIES,
+        ),
+        Flag(
+            "--drop-small-classes",
+            "split.drop_small_classes",
+            bool,
+            "leave out classes too small to stratify (else an error)",
+        ),
+        Flag(
+            "--min-overlap",
+            "align_min_overlap",
+            float,
+            "refuse an alignment matching fewer target genes",
+        ),
+    ],
+)
+OUTPUT_FLAGS = FlagTable(
+    ConversionConfig,
+    [
+        Flag("--shards", "shards", int, "shards of the largest split"),
+        Flag(
+            "--record-dtype",
+            "record_dtype",
+            help="how records store the values",
+            choices=RECORD_DTYPES,
+        ),
+        Flag(
+            "--block-size",
+            "block_size",
+            int,
+            "samples read at a time, which bounds memory (None: about 64 MiB of "
+            "float32)",
+        ),
+        Flag("--seed", "split.seed", int, "split (and --builtin) seed"),
+        Flag(
+            "--finetune-size",
+            "split.finetune_size",
+            size,
+            "fraction or count of labelled samples for fine-tuning (overrides "
+            "--split-sizes)",
+        ),
+        Flag(
+            "--test-size",
+            "split.test_size",
+            size,
+            "fraction or count for the test set (None: the fine-tuning size)",
+        ),
+        Flag(
+            "--val-fraction",
+            "split.val_fraction",
+            float,
+            "fraction of pre-training and of fine-tuning held out for validation",
+        ),
+        Flag(
+            "--min-class-size",
+            "split.min_class_size",
+            int,
+            "smallest class that can be stratified into every split",
+        ),
+    ],
+)
+FLAG_TABLES = (INPUT_FLAGS, POLICY_FLAGS, OUTPUT_FLAGS)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = ConversionConfig()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("input")
     what = src.add_mutually_exclusive_group(required=True)
     what.add_argument("--input", help="expression file, or a GDC folder")
     what.add_argument("--builtin", choices=BUILTIN, help="built-in synthetic data")
-    src.add_argument("--format", default="auto", choices=FORMATS)
+    src.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="input format (default: auto, from the name)",
+    )
     src.add_argument("--labels", help="label file joined on sample id")
     src.add_argument("--label-column", help="label column (in --labels or the table)")
     src.add_argument("--sample-column", help="sample-id column of the table")
@@ -97,33 +205,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="the table has one row per sample",
     )
-    src.add_argument(
-        "--values",
-        default=defaults.values,
-        choices=("counts", "tpm", "log2"),
-        help="what the file holds; log2 = already log-transformed",
-    )
-    src.add_argument(
-        "--transform",
-        default=defaults.transform,
-        choices=("log2p1", "log1p", "cpm_log2p1", "none"),
-    )
+    INPUT_FLAGS.add_to(src)
     src.add_argument(
         "--gene-id",
         default="auto",
         choices=("auto", "ensembl", "symbol"),
-        help="ARCHS4: which gene ids to use",
+        help="ARCHS4: which gene ids to use (default: auto)",
     )
     src.add_argument("--label-rules", help="ARCHS4: (label, regex) rules file")
     src.add_argument(
         "--rule-fields",
-        default="source_name_ch1,characteristics_ch1,title",
-        help="ARCHS4: comma-separated meta/samples fields the rules search",
+        default=",".join(DEFAULT_RULE_FIELDS),
+        help="ARCHS4: comma-separated meta/samples fields the rules search "
+        "(default: %(default)s)",
     )
     src.add_argument(
         "--gdc-column",
         default="unstranded",
-        help="GDC: count column (tpm_unstranded with --values tpm)",
+        help="GDC: count column (tpm_unstranded with --values tpm; default: "
+        "%(default)s)",
     )
     src.add_argument(
         "--sample-sheet", help="GDC: sample sheet (default: in the folder)"
@@ -132,26 +232,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--n-genes", type=int, help="--builtin: number of genes")
 
     pol = p.add_argument_group("policies (every choice is counted in the manifest)")
-    pol.add_argument(
-        "--duplicate-genes",
-        default=defaults.duplicate_genes,
-        choices=("error", "sum", "mean", "first", "unique"),
-    )
-    pol.add_argument(
-        "--missing-values",
-        default=defaults.missing_values,
-        choices=("error", "zero", "drop-genes"),
-    )
-    pol.add_argument(
-        "--missing-labels",
-        default=defaults.missing_labels,
-        choices=("error", "unlabelled", "drop"),
-    )
-    pol.add_argument(
-        "--drop-small-classes",
-        action="store_true",
-        help="leave out classes too small to stratify (else an error)",
-    )
+    POLICY_FLAGS.add_to(pol)
     pol.add_argument(
         "--keep-gene-versions",
         action="store_true",
@@ -162,76 +243,59 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--align-to",
         help="dataset folder or gene-list file: keep only its genes, in its order",
     )
-    pol.add_argument(
-        "--min-overlap",
-        type=float,
-        default=defaults.align_min_overlap,
-        help="refuse an alignment matching fewer target genes",
-    )
 
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder")
     out.add_argument("--overwrite", action="store_true")
-    out.add_argument("--shards", type=int, default=defaults.shards)
-    out.add_argument(
-        "--record-dtype", default=defaults.record_dtype, choices=("float16", "float32")
-    )
-    out.add_argument(
-        "--block-size",
-        type=int,
-        default=defaults.block_size,
-        help="samples read at a time (bounds memory; default: ~64 MiB of float32)",
-    )
-    out.add_argument("--seed", type=int, default=0, help="split (and --builtin) seed")
+    OUTPUT_FLAGS.add_to(out)
     out.add_argument(
         "--split-sizes",
         choices=tuple(SIZE_PRESETS),
         default="tcga",
-        help="preset fine-tuning/test fractions of the paper's datasets",
+        help="preset fine-tuning/test fractions of the paper's datasets "
+        "(default: %(default)s)",
     )
-    out.add_argument(
-        "--finetune-size",
-        type=size,
-        help="fraction or count of labelled samples for fine-tuning",
-    )
-    out.add_argument(
-        "--test-size",
-        type=size,
-        help="fraction or count for the test set (default: = fine-tuning)",
-    )
-    out.add_argument("--val-fraction", type=float, default=SplitConfig.val_fraction)
-    out.add_argument("--min-class-size", type=int, default=SplitConfig.min_class_size)
     return p.parse_args(argv)
+
+
+def conversion_config(args: argparse.Namespace) -> ConversionConfig:
+    """Defaults <- the --split-sizes preset <- the flags given."""
+    config = ConversionConfig(
+        split=SplitConfig(finetune_size=SIZE_PRESETS[args.split_sizes])
+    )
+    for table in FLAG_TABLES:
+        table.apply(args, config)
+    if args.keep_gene_versions:
+        config.strip_versions = False
+    if args.keep_par_y:
+        config.par_y = "keep"
+    return config
+
+
+def open_input(args: argparse.Namespace, seed: int):
+    """The source named by --input (with its labels) or --builtin, and its report."""
+    if args.builtin:
+        source = builtin_source(args.builtin, args.n_samples, args.n_genes, seed)
+        return source, {"format": "builtin"}
+    return open_source(
+        args.input,
+        args.format,
+        labels=args.labels,
+        label_column=args.label_column,
+        sample_column=args.sample_column,
+        labels_sample_column=args.labels_sample_column,
+        genes_as_rows=args.genes_as_rows,
+        gene_id=args.gene_id,
+        label_rules=args.label_rules,
+        rule_fields=tuple(f for f in args.rule_fields.split(",") if f),
+        gdc_column=args.gdc_column,
+        sample_sheet=args.sample_sheet,
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    split = SplitConfig(
-        finetune_size=(
-            args.finetune_size
-            if args.finetune_size is not None
-            else SIZE_PRESETS[args.split_sizes]
-        ),
-        test_size=args.test_size,
-        val_fraction=args.val_fraction,
-        min_class_size=args.min_class_size,
-        drop_small_classes=args.drop_small_classes,
-        seed=args.seed,
-    )
-    config = ConversionConfig(
-        values=args.values,
-        transform=args.transform,
-        record_dtype=args.record_dtype,
-        shards=args.shards,
-        block_size=args.block_size,
-        duplicate_genes=args.duplicate_genes,
-        strip_versions=not args.keep_gene_versions,
-        par_y="keep" if args.keep_par_y else "drop",
-        missing_values=args.missing_values,
-        missing_labels=args.missing_labels,
-        align_min_overlap=args.min_overlap,
-        split=split,
-    )
+    config = conversion_config(args)
     inputs = [
         args.input,
         args.labels,
@@ -246,26 +310,7 @@ def main(argv=None) -> int:
         align, align_name = (None, "target")
         if args.align_to:
             align, align_name = target_genes(args.align_to)
-        if args.builtin:
-            source = builtin_source(
-                args.builtin, args.n_samples, args.n_genes, args.seed
-            )
-            report = {"format": "builtin"}
-        else:
-            source, report = open_source(
-                args.input,
-                args.format,
-                labels=args.labels,
-                label_column=args.label_column,
-                sample_column=args.sample_column,
-                labels_sample_column=args.labels_sample_column,
-                genes_as_rows=args.genes_as_rows,
-                gene_id=args.gene_id,
-                label_rules=args.label_rules,
-                rule_fields=tuple(f for f in args.rule_fields.split(",") if f),
-                gdc_column=args.gdc_column,
-                sample_sheet=args.sample_sheet,
-            )
+        source, report = open_input(args, config.split.seed)
         print(
             f"read {source.path}: {source.n_samples} samples x {source.n_genes} genes"
         )

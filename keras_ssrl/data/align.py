@@ -1,11 +1,11 @@
 """Re-writing a converted dataset onto another dataset's gene list.
 
 The `archs4_to_tcga` setting pre-trains on one source and fine-tunes on another, on the
-genes they share (protocol.md: ARCHS4 -> TCGA used 55,747 common genes). Both datasets
-must then hold the same genes in the same order. `rewrite_onto` keeps the genes of a
-dataset that are also in a target list, in the target's order, and writes a new folder
-with the same splits, shard layout and statistics (per-gene statistics of the kept genes
-are unchanged, so nothing is refitted and nothing leaks).
+genes they share (docs/protocol.md, "Preprocessing": ARCHS4 -> TCGA used 55,747 common
+genes). Both datasets must then hold the same genes in the same order. `rewrite_onto`
+keeps the genes of a dataset that are also in a target list, in the target's order, and
+writes a new folder with the same splits, shard layout and statistics (per-gene
+statistics of the kept genes are unchanged, so nothing is refitted and nothing leaks).
 """
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from keras_ssrl.config import ConversionConfig
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DamagedDataError, DataError
-from keras_ssrl.data.genes import align_genes
+from keras_ssrl.data.genes import Alignment, align_genes
 from keras_ssrl.data.integrity import clean_tf_error
-from keras_ssrl.data.manifest import (
-    MANIFEST,
-    SPLITS_CSV,
-    Manifest,
-    join,
-    open_file,
-    sha256_file,
-    shard_path,
-    write_json_atomic,
-)
+from keras_ssrl.data.manifest import MANIFEST, SPLITS_CSV, Manifest, shard_path
 from keras_ssrl.data.output import OutputFolder
+from keras_ssrl.files import join, open_file, sha256_file, write_json_atomic
 
 
 def target_genes(target: str) -> tuple[list[str], str]:
@@ -65,7 +58,7 @@ def _read_batches(manifest: Manifest, path: str):
         except tf.errors.OpError as error:
             raise DamagedDataError(
                 f"{path}: unreadable record ({clean_tf_error(error)}); run "
-                "tfrecords_tools/inspect.py on the dataset, then re-copy or re-convert it"
+                "tfrecords_tools/verify.py on the dataset, then re-copy or re-convert it"
             ) from None
 
 
@@ -95,7 +88,7 @@ def rewrite_onto(
     out_dir: str,
     *,
     target_name: str = "target",
-    min_overlap: float = 0.5,
+    min_overlap: float = ConversionConfig.align_min_overlap,
     overwrite: bool = False,
     inputs: Sequence[str | None] = (),
     command: Sequence[str] | None = None,
@@ -133,38 +126,19 @@ def rewrite_onto(
         target_name=target_name,
     )
     output = OutputFolder(out_dir, overwrite, [str(data_dir), *inputs], log)
-    columns = alignment.source_indices
     log(
         f"{alignment.n_matched} of {alignment.n_target} genes of {target_name} found in "
         f"{data_dir} ({manifest.n_genes} genes); writing them in {target_name}'s order"
     )
     with output as tmp:
         data = copy.deepcopy(manifest.data)
-        for split in manifest.split_names:
-            for shard, path in zip(
-                data["splits"][split]["shards"], manifest.shard_paths(split)
-            ):
-                out_path = shard_path(tmp, shard["file"])
-                shard.update(
-                    num_records=_rewrite_shard(manifest, path, out_path, columns),
-                    sha256=sha256_file(out_path),
-                    bytes=os.path.getsize(out_path),
-                )
+        _rewrite_shards(manifest, data, tmp, alignment.source_indices)
         with (
             open_file(join(str(data_dir), SPLITS_CSV), "rb") as src,
             open(os.path.join(tmp, SPLITS_CSV), "wb") as dst,
         ):
             dst.write(src.read())
-        stats = data["statistics"]
-        stats["mean"] = [stats["mean"][c] for c in columns]
-        stats["std"] = [stats["std"][c] for c in columns]
-        data["genes"] = list(alignment.genes)
-        data["n_genes"] = alignment.n_matched
-        data["alignment"] = {
-            "target": target_name,
-            "rewritten_from": str(data_dir),
-            **alignment.report(),
-        }
+        _restrict_manifest(data, alignment, target_name, str(data_dir))
         data["command"] = list(command) if command is not None else list(sys.argv)
         write_json_atomic(os.path.join(tmp, MANIFEST), data)
     if alignment.n_matched < alignment.n_target:
@@ -174,3 +148,37 @@ def rewrite_onto(
             "that both hold the same genes"
         )
     return Manifest.load(os.path.abspath(out_dir))
+
+
+def _rewrite_shards(manifest: Manifest, data: dict, folder: str, columns) -> None:
+    """Every shard of `manifest` into `folder`, keeping `columns`; updates `data`."""
+    for split in manifest.split_names:
+        for shard, path in zip(
+            data["splits"][split]["shards"], manifest.shard_paths(split)
+        ):
+            out_path = shard_path(folder, shard["file"])
+            shard.update(
+                num_records=_rewrite_shard(manifest, path, out_path, columns),
+                sha256=sha256_file(out_path),
+                bytes=os.path.getsize(out_path),
+            )
+
+
+def _restrict_manifest(
+    data: dict, alignment: Alignment, target_name: str, data_dir: str
+) -> None:
+    """Genes, statistics and the alignment record of the rewritten manifest `data`.
+
+    Per-gene statistics are those of the kept genes, unchanged: nothing is refitted.
+    """
+    columns = alignment.source_indices
+    stats = data["statistics"]
+    stats["mean"] = [stats["mean"][c] for c in columns]
+    stats["std"] = [stats["std"][c] for c in columns]
+    data["genes"] = list(alignment.genes)
+    data["n_genes"] = alignment.n_matched
+    data["alignment"] = {
+        "target": target_name,
+        "rewritten_from": data_dir,
+        **alignment.report(),
+    }

@@ -8,6 +8,10 @@ for a `DamagedDataError` (files that no longer match their manifest).
 
 from __future__ import annotations
 
+# Formats item lists in the messages of the data layer (and above); defined with the
+# generic file helpers so that modules below the data layer can use it too.
+from keras_ssrl.files import preview  # noqa: F401
+
 
 class DataError(ValueError):
     """Bad input data: the message says where and what to do about it."""
@@ -16,15 +20,6 @@ class DataError(ValueError):
 class DamagedDataError(DataError):
     """A converted dataset whose files do not match its manifest (truncated, corrupted,
     replaced): the message names the file and the checking tool to run."""
-
-
-def preview(items, limit: int = 5) -> str:
-    """Formats the first `limit` items of a sequence for an error message."""
-    items = list(items)
-    shown = ", ".join(str(item) for item in items[:limit])
-    if len(items) > limit:
-        shown += f", ... ({len(items)} in all)"
-    return shown
 
 
 def report_error(error: Exception) -> int:

@@ -1,6 +1,6 @@
 """Gene identity: id normalisation, duplicate handling and alignment between datasets.
 
-Gene identity is explicit (protocol.md, "Data and preprocessing"): every dataset carries
+Gene identity is explicit (docs/protocol.md, "Preprocessing"): every dataset carries
 its ordered gene list, and two datasets are combined only through `align_genes`, never by
 column position. A `GenePlan` maps the columns of a source to the dataset's genes and is
 applied to every block read, so the same mapping serves statistics and writing.

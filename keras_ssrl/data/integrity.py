@@ -1,4 +1,4 @@
-"""Full integrity check of a dataset folder (used by `tfrecords_tools/inspect.py`)."""
+"""Full integrity check of a dataset folder (used by `tfrecords_tools/verify.py`)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ import numpy as np
 
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
-from keras_ssrl.data.manifest import (
-    MANIFEST,
-    SPLITS_CSV,
-    Manifest,
-    join,
-    open_file,
-    sha256_file,
-)
+from keras_ssrl.data.manifest import MANIFEST, SPLITS_CSV, Manifest
+from keras_ssrl.files import join, open_file, sha256_file
 
 
 @dataclass

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from keras_ssrl.data.sources.cells import format_from_path
 from keras_ssrl.data.sources.gdc import COLUMNS, COUNTS_SUFFIX, SUMMARY_ROWS
 
 GDC_SHEET_NAME = "gdc_sample_sheet.2026-01-01.tsv"
@@ -79,6 +80,7 @@ def write_table(
     values: np.ndarray,
     sample_ids: Sequence[str],
     genes: Sequence[str],
+    *,
     labels: Sequence[str | None] | None = None,
     genes_as_rows: bool = False,
     fmt: str | None = None,
@@ -106,8 +108,6 @@ def write_table(
     Returns:
         The path written.
     """
-    from keras_ssrl.data.sources.tables import format_from_path
-
     path = os.fspath(path)
     values = np.asarray(values, dtype=np.float64)
     _check_shape(values, sample_ids, genes)
@@ -177,6 +177,7 @@ def write_archs4(
     counts: np.ndarray,
     sample_ids: Sequence[str],
     genes: Sequence[str],
+    *,
     symbols: Sequence[str] | None = None,
     layout: str = "v2",
     sample_meta: dict[str, Sequence] | None = None,
@@ -213,7 +214,6 @@ def write_archs4(
         )
     if symbols is not None and layout != "v2":
         raise ValueError("older ARCHS4 layouts keep one gene vector: pass it as genes")
-    n_samples, n_genes = counts.shape
     matrix = np.rint(counts).astype(np.int32)
     meta = {
         "series_id": ["GSE1000" for _ in sample_ids],
@@ -224,49 +224,50 @@ def write_archs4(
     }
     meta.update(sample_meta or {})
     with h5py.File(path, "w") as handle:
-        if layout == "transposed":
-            data, chunks = (
-                matrix,
-                (
-                    max(1, min(n_samples, _ARCHS4_SAMPLE_CHUNK)),
-                    max(1, min(n_genes, _ARCHS4_GENE_CHUNK)),
-                ),
-            )
-        else:
-            data, chunks = (
-                matrix.T,
-                (
-                    max(1, min(n_genes, _ARCHS4_GENE_CHUNK)),
-                    max(1, min(n_samples, _ARCHS4_SAMPLE_CHUNK)),
-                ),
-            )
-        handle.create_dataset(
-            "data/expression", data=data, chunks=chunks, compression="gzip"
-        )
+        _write_archs4_matrix(handle, matrix, layout)
         gene_group = handle.create_group("meta/genes")
         if layout == "v2":
             gene_group["ensembl_gene"] = _bytes_array(genes)
             gene_group["symbol"] = _bytes_array(
                 symbols if symbols is not None else genes
             )
-            gene_group["biotype"] = _bytes_array(["protein_coding"] * n_genes)
+            gene_group["biotype"] = _bytes_array(["protein_coding"] * len(genes))
         else:
             gene_group["genes"] = _bytes_array(genes)
-        sample_group = handle.create_group("meta/samples")
-        sample_group["geo_accession"] = _bytes_array(sample_ids)
-        for name, column in meta.items():
-            column = list(column)
-            if len(column) != n_samples:
-                raise ValueError(
-                    f"sample_meta[{name!r}] must have one value per sample"
-                )
-            if all(isinstance(v, (int, float, np.number)) for v in column):
-                sample_group[name] = np.asarray(column, dtype=np.float64)
-            else:
-                sample_group[name] = _bytes_array(column)
+        _write_archs4_samples(handle, sample_ids, meta)
         info = handle.create_group("meta/info")
         info["version"] = _bytes_array([f"keras_ssrl layouts {layout}"])
     return path
+
+
+def _write_archs4_matrix(handle, matrix: np.ndarray, layout: str) -> None:
+    """`data/expression`, chunked along samples as the real files are."""
+    n_samples, n_genes = matrix.shape
+    sample_chunk = max(1, min(n_samples, _ARCHS4_SAMPLE_CHUNK))
+    gene_chunk = max(1, min(n_genes, _ARCHS4_GENE_CHUNK))
+    if layout == "transposed":
+        data, chunks = matrix, (sample_chunk, gene_chunk)
+    else:
+        data, chunks = matrix.T, (gene_chunk, sample_chunk)
+    handle.create_dataset(
+        "data/expression", data=data, chunks=chunks, compression="gzip"
+    )
+
+
+def _write_archs4_samples(
+    handle, sample_ids: Sequence[str], meta: dict[str, Sequence]
+) -> None:
+    """`meta/samples`: the accessions, then each field (numbers or strings)."""
+    sample_group = handle.create_group("meta/samples")
+    sample_group["geo_accession"] = _bytes_array(sample_ids)
+    for name, column in meta.items():
+        column = list(column)
+        if len(column) != len(sample_ids):
+            raise ValueError(f"sample_meta[{name!r}] must have one value per sample")
+        if all(isinstance(v, (int, float, np.number)) for v in column):
+            sample_group[name] = np.asarray(column, dtype=np.float64)
+        else:
+            sample_group[name] = _bytes_array(column)
 
 
 def write_xena(
@@ -303,6 +304,7 @@ def write_gdc(
     sample_ids: Sequence[str],
     genes: Sequence[str],
     labels: Sequence[str | None],
+    *,
     symbols: Sequence[str] | None = None,
     par_y: int = 2,
     seed: int = 0,

@@ -4,16 +4,14 @@
 ordered gene list, label vocabulary, value transform, record encoding, per-gene
 statistics fitted on the pre-training split, shards with record counts and sha256, the
 split configuration and the command line that produced it. The reader, the integrity
-check, alignment and (later) model export read it; nothing is inferred from file names.
+check, alignment and model export read it; nothing is inferred from file names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import posixpath
 import re
 from dataclasses import dataclass
 
@@ -21,21 +19,11 @@ import numpy as np
 
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
+from keras_ssrl.files import is_remote, join, open_file
 
 MANIFEST = "manifest.json"
 SPLITS_CSV = "splits.csv"
 FORMAT_NAME = "keras_ssrl.tfrecord"
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def join(directory: str, name: str) -> str:
-    """Joins paths for local folders and `gs://` / `s3://` URLs alike."""
-    if _is_remote(directory):
-        return posixpath.join(str(directory), name)
-    return os.path.join(directory, name)
 
 
 def shard_path(directory: str, entry) -> str:
@@ -66,7 +54,7 @@ def shard_path(directory: str, entry) -> str:
         problem = "contains a path separator"
     elif entry in (".", ".."):
         problem = "points outside the dataset folder"
-    if problem is None and not _is_remote(directory):
+    if problem is None and not is_remote(directory):
         folder = os.path.realpath(directory)
         resolved = os.path.realpath(os.path.join(directory, entry))
         if os.path.dirname(resolved) != folder:
@@ -78,67 +66,6 @@ def shard_path(directory: str, entry) -> str:
             "conversion (or restore the manifest) instead of editing shard names."
         )
     return join(str(directory), entry)
-
-
-def open_file(path: str, mode: str = "rb"):
-    """Opens local files directly and remote ones through TensorFlow's filesystems."""
-    if _is_remote(path):
-        import tensorflow as tf
-
-        from keras_ssrl.data import filesystems
-
-        filesystems.register()
-        return tf.io.gfile.GFile(path, mode)
-    return open(path, mode)
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open_file(path, "rb") as handle:
-        while True:
-            data = handle.read(chunk)
-            if not data:
-                break
-            digest.update(data)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ""):
-    """Yields a temporary name next to `path`, renamed onto `path` on success.
-
-    Readers (and a rerun after a crash) never see half a file: on any error the
-    temporary file is removed and `path` keeps its previous content. `suffix` ends the
-    temporary name, for writers that check it (Keras saves only to `.keras`).
-    """
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON to a temporary name, then renames: readers never see half a file."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, allow_nan=False, default=_json_default)
-        handle.write("\n")
-
-
-def write_csv_atomic(frame, path: str, float_format: str = "%.7g") -> None:
-    """Writes a pandas DataFrame as CSV (no index) atomically."""
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format=float_format)
-
-
-def _json_default(value):
-    """NumPy scalars (metrics, counts) as plain JSON numbers."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def genes_digest(genes: list[str]) -> str:

@@ -3,7 +3,7 @@
 The transform (`log2(x + 1)` by default) is applied once at conversion, and the records
 store transformed values; standardisation (z-score per gene) is applied in the graph by
 the reader and by the exported model, with statistics fitted on the pre-training split
-only (protocol.md: fitting on all data leaks test information).
+only (docs/protocol.md, "Preprocessing": fitting on all data leaks test information).
 """
 
 from __future__ import annotations

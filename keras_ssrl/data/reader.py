@@ -6,8 +6,9 @@ import os
 
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DamagedDataError, DataError
-from keras_ssrl.data.manifest import Manifest, sha256_file
+from keras_ssrl.data.manifest import Manifest
 from keras_ssrl.data.preprocessing import standardizer
+from keras_ssrl.files import sha256_file
 
 VERIFY_MODES = ("none", "size", "checksum")
 # Records batched per parse when caching decoded values: large enough to amortise
@@ -47,7 +48,7 @@ def verify_shards(manifest: Manifest, split: str, mode: str = "size") -> None:
             raise DamagedDataError(
                 f"{path}: shard is damaged ({size} bytes, the manifest says "
                 f"{shard['bytes']}; truncated or overwritten). Re-copy it or re-run the "
-                "conversion; tfrecords_tools/inspect.py checks a whole folder."
+                "conversion; tfrecords_tools/verify.py checks a whole folder."
             )
         if mode == "checksum" and sha256_file(path) != shard["sha256"]:
             raise DamagedDataError(
@@ -135,55 +136,22 @@ def load_dataset(
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if num_workers > 1:
-        if len(files) < num_workers:
-            raise DataError(
-                f"{data_dir}: split {split!r} has {len(files)} shard(s), fewer than the "
-                f"{num_workers} input workers; re-convert with --shards {num_workers} or "
-                "more"
-            )
-        files = files[worker_index::num_workers]
+    files = _worker_files(files, data_dir, split, num_workers, worker_index)
     if deterministic is None:
         deterministic = seed is not None or not shuffle
-
-    n_genes = manifest.n_genes
-    record_dtype = manifest.record_dtype
-    z_score = standardizer(manifest.mean, manifest.std)
-
-    def decode(serialized):
-        # Only what the caller asked for travels down the pipeline (and into a cache).
-        parsed = schema.parse_batch(serialized, n_genes, record_dtype)
-        out = (parsed[schema.EXPRESSION],)
-        if with_labels:
-            out += (parsed[schema.LABEL],)
-        if with_sample_ids:
-            out += (parsed[schema.SAMPLE_ID],)
-        return out
-
-    def finish(values, *rest):
-        x = tf.cast(values, tf.float32)
-        if standardize:
-            x = z_score(x)
-        return (x, *rest) if rest else x
-
+    decode = _batch_decoder(
+        manifest,
+        standardize=standardize,
+        with_labels=with_labels,
+        with_sample_ids=with_sample_ids,
+    )
     options = tf.data.Options()
     options.deterministic = deterministic
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER),
-        cycle_length=min(len(files), max(2, os.cpu_count() or 2)),
-        block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
-    )
+    ds = _records(files, shuffle=shuffle, seed=seed, deterministic=deterministic)
     if cache is not False:
         # Decode and standardise once, in large batches, and cache the float32 rows:
         # later epochs then cost what an in-memory array does (shuffle and batch).
-        ds = ds.batch(_PARSE_BATCH).map(
-            lambda s: finish(*decode(s)), num_parallel_calls=tf.data.AUTOTUNE
-        )
+        ds = ds.batch(_PARSE_BATCH).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.unbatch().cache("" if cache is True else str(cache))
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -193,5 +161,63 @@ def load_dataset(
         batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE
     )
     if cache is False:
-        ds = ds.map(lambda s: finish(*decode(s)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _worker_files(
+    files: list[str], data_dir: str, split: str, num_workers: int, worker_index: int
+) -> list[str]:
+    """The shards of `split` that input worker `worker_index` of `num_workers` reads."""
+    if num_workers <= 1:
+        return files
+    if len(files) < num_workers:
+        raise DataError(
+            f"{data_dir}: split {split!r} has {len(files)} shard(s), fewer "
+            f"than the {num_workers} input workers; re-convert with --shards "
+            f"{num_workers} or more"
+        )
+    return files[worker_index::num_workers]
+
+
+def _records(files: list[str], *, shuffle: bool, seed: int | None, deterministic: bool):
+    """The serialised records of `files`, read in parallel (shard order shuffled)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER),
+        cycle_length=min(len(files), max(2, os.cpu_count() or 2)),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
+    )
+
+
+def _batch_decoder(
+    manifest: Manifest, *, standardize: bool, with_labels: bool, with_sample_ids: bool
+):
+    """A graph function: a batch of serialised records -> the tuple `load_dataset`
+    yields (float32 values, standardised if asked, then labels and ids if asked)."""
+    import tensorflow as tf
+
+    n_genes = manifest.n_genes
+    record_dtype = manifest.record_dtype
+    z_score = standardizer(manifest.mean, manifest.std)
+
+    def decode(serialized):
+        parsed = schema.parse_batch(serialized, n_genes, record_dtype)
+        x = tf.cast(parsed[schema.EXPRESSION], tf.float32)
+        if standardize:
+            x = z_score(x)
+        # Only what the caller asked for travels down the pipeline (and into a cache).
+        rest = ()
+        if with_labels:
+            rest += (parsed[schema.LABEL],)
+        if with_sample_ids:
+            rest += (parsed[schema.SAMPLE_ID],)
+        return (x, *rest) if rest else x
+
+    return decode

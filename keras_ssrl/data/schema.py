@@ -107,7 +107,7 @@ def parse_batch(serialized, n_genes: int, record_dtype: str):
         message=(
             f"a record's expression does not hold {n_genes} {record_dtype} values: "
             "the shard is damaged or belongs to another dataset "
-            "(run tfrecords_tools/inspect.py on the folder)"
+            "(run tfrecords_tools/verify.py on the folder)"
         ),
     )
     with tf.control_dependencies([check]):

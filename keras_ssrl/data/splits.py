@@ -1,10 +1,12 @@
-"""Deterministic, stratified splits (protocol.md, "Splits").
+"""Deterministic, stratified splits (docs/protocol.md, "Splits").
 
 Each labelled dataset is split, stratified by class, into an unlabelled pre-training set,
 a labelled fine-tuning set and a test set the size of the fine-tuning set; 15% of the
 pre-training and of the fine-tuning set are held out for validation. Every class keeps at
 least one sample in the test set and in the fine-tuning training and validation sets, so
-that the label-fraction protocol can keep one example per class.
+that the label-fraction protocol can keep one example per class. `small_split_warnings`
+flags a test split too small to measure anything (`MIN_TEST_SAMPLES`,
+`MIN_TEST_PER_CLASS`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ import numpy as np
 from keras_ssrl.config import SplitConfig
 from keras_ssrl.data import schema
 from keras_ssrl.data.errors import DataError
+
+# A test split smaller than this (or with fewer samples of some class) measures mostly
+# noise: one sample is 3% of accuracy, and a class's recall moves in steps of 20% or
+# more. The converter warns, naming the flags that size the split.
+MIN_TEST_SAMPLES = 30
+MIN_TEST_PER_CLASS = 5
 
 
 def resolve_size(size: float | None, total: int, name: str) -> int:
@@ -105,14 +113,41 @@ def assign_splits(
         return split.astype(str)
 
     labels = list(labels)
-    n = len(labels)
-    labelled = np.array([lab is not None for lab in labels])
+    classes, members = _classes(labels, config)
+    sizes = np.array([len(members[c]) for c in classes])
+    n_finetune, n_test = _labelled_sizes(
+        sum(lab is not None for lab in labels), len(classes), config
+    )
+    test_per_class = allocate(sizes, n_test, minimum=1 if n_test else 0)
+    finetune_per_class = allocate(
+        sizes - test_per_class, n_finetune, minimum=2 if n_finetune else 0
+    )
+    n_finetune_val = int(round(config.val_fraction * n_finetune))
+    finetune_val_per_class = allocate(
+        finetune_per_class, n_finetune_val, minimum=1 if n_finetune else 0
+    )
+    split = np.full(len(labels), schema.PRETRAIN, dtype=object)
+    for k, c in enumerate(classes):
+        index = rng.permutation(members[c])
+        t, f, fv = test_per_class[k], finetune_per_class[k], finetune_val_per_class[k]
+        split[index[:t]] = schema.TEST
+        split[index[t : t + fv]] = schema.FINETUNE_VAL
+        split[index[t + fv : t + f]] = schema.FINETUNE
+    _hold_out_pretrain_val(split, labels, config.val_fraction, rng)
+    return split.astype(str)
+
+
+def _classes(
+    labels: list[str | None], config: SplitConfig
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The sorted classes and the samples of each; refuses classes too small to split."""
     classes = sorted({lab for lab in labels if lab is not None})
     if not classes:
         raise DataError("no sample has a label")
     members = {c: np.flatnonzero([lab == c for lab in labels]) for c in classes}
-    sizes = np.array([len(members[c]) for c in classes])
-    small = [(c, int(s)) for c, s in zip(classes, sizes) if s < config.min_class_size]
+    small = [
+        (c, len(members[c])) for c in classes if len(members[c]) < config.min_class_size
+    ]
     if small:
         raise DataError(
             f"{len(small)} class(es) are too small to stratify (need at least "
@@ -122,43 +157,83 @@ def assign_splits(
             + ". Merge them into other classes, or pass --drop-small-classes to leave "
             "their samples out (they are counted in the report)."
         )
-    n_labelled = int(labelled.sum())
+    return classes, members
+
+
+def _labelled_sizes(
+    n_labelled: int, n_classes: int, config: SplitConfig
+) -> tuple[int, int]:
+    """(fine-tuning, test) sample counts, raised so that every class fits in each."""
     n_finetune = resolve_size(config.finetune_size, n_labelled, "finetune-size")
     test_size = config.finetune_size if config.test_size is None else config.test_size
     n_test = resolve_size(test_size, n_labelled, "test-size")
-    if n_finetune and n_finetune < 2 * len(classes):
-        n_finetune = 2 * len(classes)
-    if n_test and n_test < len(classes):
-        n_test = len(classes)
+    if n_finetune and n_finetune < 2 * n_classes:
+        n_finetune = 2 * n_classes
+    if n_test and n_test < n_classes:
+        n_test = n_classes
     if n_finetune + n_test >= n_labelled:
         raise DataError(
             f"fine-tuning ({n_finetune}) and test ({n_test}) sizes leave no "
             f"pre-training data out of {n_labelled} labelled samples; lower "
             "--finetune-size / --test-size"
         )
+    return n_finetune, n_test
 
-    test_per_class = allocate(sizes, n_test, minimum=1 if n_test else 0)
-    finetune_per_class = allocate(
-        sizes - test_per_class, n_finetune, minimum=2 if n_finetune else 0
-    )
-    n_finetune_val = int(round(config.val_fraction * n_finetune))
-    finetune_val_per_class = allocate(
-        finetune_per_class, n_finetune_val, minimum=1 if n_finetune else 0
-    )
-    split = np.full(n, schema.PRETRAIN, dtype=object)
-    for k, c in enumerate(classes):
-        index = rng.permutation(members[c])
-        t, f, fv = test_per_class[k], finetune_per_class[k], finetune_val_per_class[k]
-        split[index[:t]] = schema.TEST
-        split[index[t : t + fv]] = schema.FINETUNE_VAL
-        split[index[t + fv : t + f]] = schema.FINETUNE
-    # Pre-training validation, stratified over classes and the unlabelled samples.
+
+def _hold_out_pretrain_val(
+    split: np.ndarray,
+    labels: list[str | None],
+    val_fraction: float,
+    rng: np.random.Generator,
+) -> None:
+    """Moves a stratified `val_fraction` of the pre-training samples to validation.
+
+    Strata are the classes and the unlabelled samples; `split` is changed in place.
+    """
     pool = np.flatnonzero(split == schema.PRETRAIN)
     keys = np.array([labels[i] if labels[i] is not None else "" for i in pool])
     groups = sorted(set(keys))
     group_sizes = np.array([(keys == g).sum() for g in groups])
-    val_per_group = allocate(group_sizes, int(round(config.val_fraction * len(pool))))
+    val_per_group = allocate(group_sizes, int(round(val_fraction * len(pool))))
     for g, n_val in zip(groups, val_per_group):
         index = rng.permutation(pool[keys == g])
         split[index[:n_val]] = schema.PRETRAIN_VAL
-    return split.astype(str)
+
+
+def small_split_warnings(
+    split_of: np.ndarray, labels: Sequence[str | None] | None
+) -> list[str]:
+    """Warnings for a test split too small to measure anything.
+
+    Args:
+        split_of: the split name of every sample ("" for samples left out).
+        labels: the label of every sample, or None for an unlabelled source.
+
+    Returns:
+        Messages naming the split, its size and the flags that enlarge it.
+    """
+    if labels is None:
+        return []
+    warnings = []
+    classes = {labels[i] for i in np.flatnonzero(split_of != "")} - {None}
+    if len(classes) < 2:
+        warnings.append(
+            f"the labelled samples hold {len(classes)} class: fine-tuning and "
+            "evaluation need at least 2"
+        )
+    counts: dict[str, int] = {}
+    for i in np.flatnonzero(split_of == schema.TEST):
+        if labels[i] is not None:
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
+    if not counts:
+        return warnings
+    total = sum(counts.values())
+    smallest = min(sorted(counts), key=counts.get)
+    if total < MIN_TEST_SAMPLES or counts[smallest] < MIN_TEST_PER_CLASS:
+        warnings.append(
+            f"the test split has {total} samples, {counts[smallest]} of class "
+            f"{smallest!r} (fewer than {MIN_TEST_SAMPLES} samples or "
+            f"{MIN_TEST_PER_CLASS} per class): accuracy measured on it is mostly "
+            "noise; raise --test-size (by default the size of --finetune-size)"
+        )
+    return warnings

@@ -163,6 +163,43 @@ def make_synthetic(
     >>> data.classes[:3]
     ['breast', 'ovary', 'uterus']
     """
+    n_samples, n_genes = _checked_sizes(source, n_samples, n_genes, n_classes, seed)
+    world = _make_world(n_classes, n_genes)
+    source_index = SOURCES.index(source)
+    # The source index and sizes enter the stream so that the two sources (and two
+    # sizes) never reuse the same random numbers for one user seed.
+    rng = np.random.default_rng(
+        np.random.SeedSequence([seed, source_index, n_classes, n_genes, n_samples])
+    )
+    samples = _draw_samples(rng, world, source, n_samples)
+    counts = _draw_counts(rng, world, source, samples)
+    cols = world.source_genes[source]
+    ensembl = [f"ENSG{number:011d}" for number in world.ensembl[cols]]
+    if source == "synthetic-archs4":
+        genes = ensembl
+        sample_ids = [f"GSMSYN{i + 1:07d}" for i in range(n_samples)]
+    else:
+        # TCGA (GDC) files write versioned ids, so id normalisation gets exercised.
+        genes = [
+            f"{gid}.{v}" for gid, v in zip(ensembl, world.versions[cols], strict=True)
+        ]
+        sample_ids = [f"TCGA-SYN-{i + 1:06d}-01" for i in range(n_samples)]
+    return SyntheticExpression(
+        source=source,
+        counts=counts,
+        sample_ids=sample_ids,
+        genes=genes,
+        symbols=[world.symbols[i] for i in cols],
+        labels=[world.classes[i] for i in samples.y],
+        classes=list(world.classes),
+        library_size=counts.sum(axis=1, dtype=np.int64),
+    )
+
+
+def _checked_sizes(
+    source: str, n_samples: int | None, n_genes: int | None, n_classes: int, seed: int
+) -> tuple[int, int]:
+    """`(n_samples, n_genes)` with the source's defaults; a ValueError naming a bad one."""
     if source not in SOURCES:
         raise ValueError(
             f"Unknown synthetic source {source!r}: valid sources are "
@@ -176,31 +213,41 @@ def make_synthetic(
     _check_int("n_samples", n_samples, minimum=_MIN_SAMPLES_PER_CLASS * n_classes)
     _check_int("n_genes", n_genes, minimum=_MIN_GENES)
     _check_int("seed", seed, minimum=0)
+    return n_samples, n_genes
 
-    world = _make_world(n_classes, n_genes)
-    source_index = SOURCES.index(source)
-    # The source index and sizes enter the stream so that the two sources (and two
-    # sizes) never reuse the same random numbers for one user seed.
-    rng = np.random.default_rng(
-        np.random.SeedSequence([seed, source_index, n_classes, n_genes, n_samples])
-    )
-    is_archs4 = source == "synthetic-archs4"
+
+@dataclass
+class _Samples:
+    """What is drawn per sample of one source, before the counts."""
+
+    y: np.ndarray  # (N,) class index
+    log_depth: np.ndarray  # (N,) log sequencing depth relative to the reference
+    purity: np.ndarray  # (N,) weight of the class-specific biology
+    activity: np.ndarray  # (N, K) program activities
+    gene_offset: np.ndarray  # (G,) log expected count of each gene of the source
+    extra_dispersion: float  # the source's dispersion relative to the world's
+    study: np.ndarray | None = None  # (N,) ARCHS4 study of each sample
+    study_shift: np.ndarray | None = None  # (studies, G) gene-wise study effects
+
+
+def _draw_samples(
+    rng: np.random.Generator, world: _World, source: str, n_samples: int
+) -> _Samples:
+    """Classes, depth, purity, study and program activity of every sample."""
     cols = world.source_genes[source]
-    n_kept = len(cols)
-
     # Labels: exact imbalanced class counts, then shuffled so classes interleave.
     class_counts = _allocate(n_samples, world.class_weights[source])
-    y = np.repeat(np.arange(n_classes), class_counts)
+    y = np.repeat(np.arange(len(world.classes)), class_counts)
     y = y[rng.permutation(n_samples)]
-
     # Sequencing depth relative to the reference depth of `base_log_mean`. ARCHS4
     # pools many studies (~40 samples each here): shallower on average, much wider,
     # with a per-study depth and gene-wise study effect on top of the batch effect.
-    if is_archs4:
+    study = study_shift = None
+    if source == "synthetic-archs4":
         n_studies = max(1, n_samples // 40)
         study = rng.integers(0, n_studies, size=n_samples)
         study_depth = rng.normal(0.0, 0.5, size=n_studies)
-        study_shift = rng.normal(0.0, 0.3, size=(n_studies, n_kept))
+        study_shift = rng.normal(0.0, 0.3, size=(n_studies, len(cols)))
         log_depth = np.log(0.6) + study_depth[study] + rng.normal(0.0, 0.5, n_samples)
         gene_offset = world.base_log_mean[cols] + world.archs4_shift[cols]
         purity = rng.beta(6.0, 2.0, size=n_samples)
@@ -216,14 +263,33 @@ def make_synthetic(
         + purity[:, None] * world.class_shift[y]
         + rng.normal(0.0, _ACTIVITY_SD, size=(n_samples, _N_PROGRAMS))
     )
+    return _Samples(
+        y=y,
+        log_depth=log_depth,
+        purity=purity,
+        activity=activity,
+        gene_offset=gene_offset,
+        extra_dispersion=extra_dispersion,
+        study=study,
+        study_shift=study_shift,
+    )
+
+
+def _draw_counts(
+    rng: np.random.Generator, world: _World, source: str, samples: _Samples
+) -> np.ndarray:
+    """Negative binomial counts `(N, G)`, drawn in blocks of `_CHUNK_ROWS` samples."""
+    cols = world.source_genes[source]
+    y, purity, activity = samples.y, samples.purity, samples.activity
+    n_samples, n_kept = len(y), len(cols)
     loadings = world.loadings[cols]
     group_markers = world.group_markers[:, cols]
     class_markers = world.class_markers[source][:, cols]
     # Gamma shape 1 / phi: a higher dispersion means a noisier gene.
-    shape = 1.0 / (world.dispersion[cols] * extra_dispersion)
+    shape = 1.0 / (world.dispersion[cols] * samples.extra_dispersion)
 
     # Per class, everything that does not vary between its samples.
-    class_offset = gene_offset + group_markers[world.group_of_class]
+    class_offset = samples.gene_offset + group_markers[world.group_of_class]
     program_genes = [np.flatnonzero(loadings[:, k]) for k in range(_N_PROGRAMS)]
     # Expected total count of a sample at the reference depth, before any biology.
     reference_total = np.exp(world.base_log_mean[cols]).sum()
@@ -239,8 +305,8 @@ def make_synthetic(
         np.take(class_markers, y[rows], axis=0, out=tmp)
         tmp *= purity[rows, None]
         out += tmp
-        if is_archs4:
-            np.take(study_shift, study[rows], axis=0, out=tmp)
+        if samples.study is not None:
+            np.take(samples.study_shift, samples.study[rows], axis=0, out=tmp)
             out += tmp
         # One program at a time (not a matrix product) keeps the sums bit-identical
         # whatever BLAS and thread count are installed.
@@ -250,31 +316,12 @@ def make_synthetic(
         # the others, so each sample's expected total is set by its depth alone.
         out -= out.max(axis=1, keepdims=True)
         mu = np.exp(out, out=out)
-        mu *= (np.exp(log_depth[rows]) * reference_total / mu.sum(axis=1))[:, None]
+        depth = np.exp(samples.log_depth[rows]) * reference_total / mu.sum(axis=1)
+        mu *= depth[:, None]
         # Gamma-Poisson is the negative binomial with mean mu, variance mu + phi mu^2.
         mu *= rng.gamma(shape, 1.0 / shape, size=mu.shape)
         counts[rows] = rng.poisson(mu)
-
-    ensembl = [f"ENSG{number:011d}" for number in world.ensembl[cols]]
-    if is_archs4:
-        genes = ensembl
-        sample_ids = [f"GSMSYN{i + 1:07d}" for i in range(n_samples)]
-    else:
-        # TCGA (GDC) files write versioned ids, so id normalisation gets exercised.
-        genes = [
-            f"{gid}.{v}" for gid, v in zip(ensembl, world.versions[cols], strict=True)
-        ]
-        sample_ids = [f"TCGA-SYN-{i + 1:06d}-01" for i in range(n_samples)]
-    return SyntheticExpression(
-        source=source,
-        counts=counts,
-        sample_ids=sample_ids,
-        genes=genes,
-        symbols=[world.symbols[i] for i in cols],
-        labels=[world.classes[i] for i in y],
-        classes=list(world.classes),
-        library_size=counts.sum(axis=1, dtype=np.int64),
-    )
+    return counts
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -302,41 +349,10 @@ def _make_world(n_classes: int, n_genes: int) -> _World:
     rng = np.random.default_rng(
         np.random.SeedSequence([_WORLD_SEED, n_classes, n_genes])
     )
-    n_shared = round(_SHARED_GENE_FRACTION * n_genes)
-    n_own = n_genes - n_shared
-    n_universe = n_shared + 2 * n_own
-
-    ensembl = rng.choice(np.arange(3, 300_000), n_universe, replace=False)
-    versions = rng.integers(1, 20, size=n_universe)
-    symbol_numbers = rng.choice(np.arange(1, 100_000), n_universe, replace=False)
-    symbols = [f"SYNG{number}" for number in symbol_numbers]
-
-    # Which genes each source keeps: a shared core plus genes of its own. TCGA lists
-    # genes by Ensembl id (as GDC files do), ARCHS4 by symbol, so the orders differ.
-    perm = rng.permutation(n_universe)
-    tcga = np.concatenate([perm[:n_shared], perm[n_shared:n_genes]])
-    archs4 = np.concatenate([perm[:n_shared], perm[n_genes:]])
-    tcga = tcga[np.argsort(ensembl[tcga], kind="stable")]
-    archs4 = archs4[np.argsort(np.array(symbols)[archs4], kind="stable")]
-
-    # Baseline log expected count at the reference depth: a mixture of expressed,
-    # lowly expressed and essentially silent genes, as in any tissue.
-    kind = rng.choice(3, size=n_universe, p=[0.62, 0.28, 0.10])
-    centre = np.log(np.array([150.0, 0.3, 0.002]))[kind]
-    spread = np.array([1.5, 1.0, 1.0])[kind]
-    base_log_mean = centre + spread * rng.standard_normal(n_universe)
-
-    # Sparse program loadings, mostly positive (co-expressed modules).
-    member = rng.random((n_universe, _N_PROGRAMS)) < 0.08
-    magnitude = np.abs(rng.normal(0.5, 0.25, size=member.shape))
-    sign = np.where(rng.random(member.shape) < 0.8, 1.0, -1.0)
-    loadings = np.where(member, sign * magnitude, 0.0)
-
-    # Mean-dependent dispersion, phi = a0 + a1 / mu as in DESeq2's trend, with
-    # gene-wise scatter; capped so silent genes stay mostly zero but not degenerate.
-    mean = np.exp(base_log_mean)
-    scatter = rng.lognormal(0.0, 0.5, size=n_universe)
-    dispersion = np.minimum((0.1 + 1.0 / np.maximum(mean, 1e-3)) * scatter, 20.0)
+    universe = _gene_universe(rng, n_genes)
+    base_log_mean = universe["base_log_mean"]
+    n_universe = len(base_log_mean)
+    loadings, dispersion = _programs_and_dispersion(rng, base_log_mean)
 
     n_groups = -(-n_classes // _GROUP_SIZE)
     group_of_class = np.arange(n_classes) // _GROUP_SIZE
@@ -368,11 +384,7 @@ def _make_world(n_classes: int, n_genes: int) -> _World:
     archs4_weights = tcga_weights * rng.lognormal(0.0, 0.5, size=n_classes)
 
     return _World(
-        ensembl=ensembl,
-        versions=versions,
-        symbols=symbols,
-        source_genes={"synthetic-tcga": tcga, "synthetic-archs4": archs4},
-        base_log_mean=base_log_mean,
+        **universe,
         loadings=loadings,
         group_of_class=group_of_class,
         group_shift=group_shift,
@@ -390,6 +402,64 @@ def _make_world(n_classes: int, n_genes: int) -> _World:
         },
         classes=class_names(n_classes),
     )
+
+
+def _gene_universe(rng: np.random.Generator, n_genes: int) -> dict:
+    """Gene ids, the genes each source keeps and their baseline expression.
+
+    Returns the `_World` fields `ensembl`, `versions`, `symbols`, `source_genes` and
+    `base_log_mean`.
+    """
+    n_shared = round(_SHARED_GENE_FRACTION * n_genes)
+    n_own = n_genes - n_shared
+    n_universe = n_shared + 2 * n_own
+
+    ensembl = rng.choice(np.arange(3, 300_000), n_universe, replace=False)
+    versions = rng.integers(1, 20, size=n_universe)
+    symbol_numbers = rng.choice(np.arange(1, 100_000), n_universe, replace=False)
+    symbols = [f"SYNG{number}" for number in symbol_numbers]
+
+    # Which genes each source keeps: a shared core plus genes of its own. TCGA lists
+    # genes by Ensembl id (as GDC files do), ARCHS4 by symbol, so the orders differ.
+    perm = rng.permutation(n_universe)
+    tcga = np.concatenate([perm[:n_shared], perm[n_shared:n_genes]])
+    archs4 = np.concatenate([perm[:n_shared], perm[n_genes:]])
+    tcga = tcga[np.argsort(ensembl[tcga], kind="stable")]
+    archs4 = archs4[np.argsort(np.array(symbols)[archs4], kind="stable")]
+
+    # Baseline log expected count at the reference depth: a mixture of expressed,
+    # lowly expressed and essentially silent genes, as in any tissue.
+    kind = rng.choice(3, size=n_universe, p=[0.62, 0.28, 0.10])
+    centre = np.log(np.array([150.0, 0.3, 0.002]))[kind]
+    spread = np.array([1.5, 1.0, 1.0])[kind]
+    base_log_mean = centre + spread * rng.standard_normal(n_universe)
+
+    return {
+        "ensembl": ensembl,
+        "versions": versions,
+        "symbols": symbols,
+        "source_genes": {"synthetic-tcga": tcga, "synthetic-archs4": archs4},
+        "base_log_mean": base_log_mean,
+    }
+
+
+def _programs_and_dispersion(
+    rng: np.random.Generator, base_log_mean: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse program loadings `(U, K)` and the NB dispersion of every gene `(U,)`."""
+    n_universe = len(base_log_mean)
+    # Sparse program loadings, mostly positive (co-expressed modules).
+    member = rng.random((n_universe, _N_PROGRAMS)) < 0.08
+    magnitude = np.abs(rng.normal(0.5, 0.25, size=member.shape))
+    sign = np.where(rng.random(member.shape) < 0.8, 1.0, -1.0)
+    loadings = np.where(member, sign * magnitude, 0.0)
+
+    # Mean-dependent dispersion, phi = a0 + a1 / mu as in DESeq2's trend, with
+    # gene-wise scatter; capped so silent genes stay mostly zero but not degenerate.
+    mean = np.exp(base_log_mean)
+    scatter = rng.lognormal(0.0, 0.5, size=n_universe)
+    dispersion = np.minimum((0.1 + 1.0 / np.maximum(mean, 1e-3)) * scatter, 20.0)
+    return loadings, dispersion
 
 
 def _program_shifts(

@@ -1,10 +1,11 @@
 """Area under the performance curve (AUPC) and its gain, with a paired bootstrap.
 
-protocol.md, "AUPC gain" (eq. 3): AUPC(m) is the trapezoidal integral of method m's mean
-accuracy curve over the label fraction p in [0.02, 0.3]; g(m1, m2) = AUPC(m1) - AUPC(m2),
-positive when m1 is better on average. The interval-normalised value AUPC / (0.3 - 0.02)
-reads as a mean accuracy. The confidence interval resamples repeats, paired: repeat r of
-(p, m1) and of (p, m2) were trained on the same subset, so they are drawn together.
+docs/protocol.md, "Label efficiency and AUPC" (eq. 3): AUPC(m) is the trapezoidal
+integral of method m's mean accuracy curve over the label fraction p in [0.02, 0.3];
+g(m1, m2) = AUPC(m1) - AUPC(m2), positive when m1 is better on average. The
+interval-normalised value AUPC / (0.3 - 0.02) reads as a mean accuracy. The confidence
+interval resamples repeats, paired: repeat r of (p, m1) and of (p, m2) were trained on
+the same subset, so they are drawn together.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def aupc(fractions, accuracy, low: float = AUPC_RANGE[0], high: float = AUPC_RAN
     Args:
         fractions: the label fractions p (any order).
         accuracy: mean accuracy at each p.
-        low, high: the interval (protocol: 0.02 to 0.3). Only fractions inside it count;
-            the curve is not extrapolated, so the grid should contain both ends.
+        low, high: the interval (docs/protocol.md: 0.02 to 0.3). Only fractions inside
+            it count; the curve is not extrapolated, so the grid should contain both
+            ends.
 
     Returns:
         The area (a float; divide by `high - low` for a mean accuracy).
@@ -56,6 +58,7 @@ def paired_bootstrap_gain(
     fractions,
     accuracy_1,
     accuracy_2,
+    *,
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,

@@ -1,144 +1,164 @@
-"""Label-free monitors of dimensional collapse (protocol.md, "Dimensional collapse").
+"""Figure 4 (bottom): covariance spectra of pre-trained encoders, and their tables.
 
-Pure NumPy functions of an embedding matrix `z` of shape `(N, d)` (one row per sample),
-computed in float64 so that the singular values of a collapsed matrix are not drowned in
-float32 rounding. `CollapseMonitor` (in `keras_ssrl.callbacks`) logs them to TensorBoard
-at every epoch end during pre-training.
-
-- `embedding_std`: collapse to a point drives it to 0; isotropic embeddings give
-  about `1 / sqrt(d)`.
-- `effective_rank`: RankMe, between 1 (all rows on a line) and `min(N, d)`.
-- `collapsed_dimensions`: the number of (numerically) zero singular values of the
-  covariance, the count of Figure 4 (bottom) of the paper.
+The label-free metrics (effective rank, collapsed dimensions, embedding std) live in
+`keras_ssrl.metrics`, below training, which logs them during pre-training; this module
+embeds a dataset's `pretrain_val` split with finished encoders and writes what they
+measure (docs/protocol.md, "Dimensional collapse").
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-# Singular values below this fraction of the largest count as collapsed (protocol.md).
-COLLAPSE_THRESHOLD = 1e-6
-# RankMe's epsilon, added to the normalised singular values before the log.
-RANKME_EPS = 1e-7
+from keras_ssrl.data.manifest import Manifest
+from keras_ssrl.evaluation.experiments import ProtocolError
+from keras_ssrl.evaluation.results import check_writable_folder, evaluation_lock
+from keras_ssrl.files import write_csv_atomic
+from keras_ssrl.runs import ENCODER_FILE, load_run_config
+
+RANDOM_INIT = "random-init"  # the reference encoder, randomly initialised
 
 
-def _as_matrix(embeddings) -> np.ndarray:
-    z = np.asarray(embeddings, dtype=np.float64)
-    if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] < 1:
-        raise ValueError(f"expected an (N, d) embedding matrix, got shape {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("embeddings contain NaN or inf")
-    return z
+def finished_runs(folder: str) -> list[tuple[str, str]]:
+    """(name, RUN_DIR) of the finished pre-training runs under `folder` (any depth)."""
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs.sort()
+        if ENCODER_FILE in files:
+            found.append((os.path.basename(here), here))
+            dirs[:] = []  # a run's own sub-folders hold no other runs
+    return found
 
 
-def embedding_std(embeddings, eps: float = 1e-12) -> float:
-    """Mean over dimensions of the per-dimension std of l2-normalised embeddings.
-
-    `mean_j std_i(z_ij / ||z_i||)`. A representation collapsed to a constant vector
-    gives 0; rows spread uniformly on the unit sphere give about `1 / sqrt(d)`.
-
-    Args:
-        embeddings: array-like of shape `(N, d)`.
-        eps: float, guards the division for all-zero rows.
-
-    Returns:
-        A float.
-
-    Example:
-
-    >>> embedding_std(np.ones((10, 4)))
-    0.0
-
-    Reference:
-        Chen & He, Exploring Simple Siamese Representation Learning, CVPR 2021
-        (section 4.1, "std of the l2-normalised output").
-    """
-    z = _as_matrix(embeddings)
-    norms = np.linalg.norm(z, axis=1, keepdims=True)
-    return float(np.mean(np.std(z / np.maximum(norms, eps), axis=0)))
+def runs_with_found(runs: dict[str, str], folder: str | None) -> dict[str, str]:
+    """`runs` and the finished runs under `folder` (`--from`), named runs first."""
+    runs = dict(runs)
+    if folder:
+        if not os.path.isdir(folder):
+            raise ProtocolError(f"--from {folder}: no such folder")
+        runs.update(
+            (name, path) for name, path in finished_runs(folder) if name not in runs
+        )
+    return runs
 
 
-def covariance_spectrum(embeddings) -> np.ndarray:
-    """Singular values of the embedding covariance, in decreasing order.
+def _load_encoders(runs: dict[str, str]) -> dict:
+    """name -> the encoder of each finished pre-training run; an error naming one."""
+    import keras
 
-    `C = (1/N) sum_i (z_i - z_bar)(z_i - z_bar)^T`, a `(d, d)` matrix; its singular
-    values are what Figure 4 (bottom) of the paper plots on a log scale.
-
-    Args:
-        embeddings: array-like of shape `(N, d)`.
-
-    Returns:
-        A float64 array of shape `(d,)`.
-    """
-    z = _as_matrix(embeddings)
-    centred = z - z.mean(axis=0, keepdims=True)
-    covariance = centred.T @ centred / z.shape[0]
-    return np.linalg.svd(covariance, compute_uv=False)
-
-
-def effective_rank(embeddings, eps: float = RANKME_EPS) -> float:
-    """RankMe: the exponential of the entropy of the normalised singular values.
-
-    With `sigma_k` the singular values of the embedding matrix `Z` (`(N, d)`, not
-    centred, as in RankMe), `p_k = sigma_k / sum(sigma) + eps` and
-    `rank = exp(-sum_k p_k log p_k)`. It is 1 when every row lies on one line and
-    `min(N, d)` when all singular values are equal.
-
-    Args:
-        embeddings: array-like of shape `(N, d)`.
-        eps: float, RankMe's epsilon (1e-7).
-
-    Returns:
-        A float.
-
-    Example:
-
-    >>> round(effective_rank(np.outer(np.arange(1, 9), np.ones(4))), 3)
-    1.0
-
-    Reference:
-        Garrido et al., RankMe: Assessing the Downstream Performance of Pretrained
-        Self-Supervised Representations by Their Rank, ICML 2023.
-    """
-    z = _as_matrix(embeddings)
-    sigma = np.linalg.svd(z, compute_uv=False)
-    total = sigma.sum()
-    if total <= 0:
-        return 1.0  # all-zero embeddings: nothing to spread, the minimum rank
-    p = sigma / total + eps
-    return float(np.exp(-np.sum(p * np.log(p))))
+    encoders = {}
+    for name, run_dir in runs.items():
+        path = os.path.join(run_dir, ENCODER_FILE)
+        if not os.path.exists(path):
+            raise ProtocolError(
+                f"{run_dir}: no {ENCODER_FILE}; not a finished pre-training run"
+            )
+        try:
+            encoders[name] = keras.saving.load_model(path, compile=False)
+        except Exception as error:  # noqa: BLE001 - Keras raises many kinds
+            raise ProtocolError(
+                f"{path}: cannot be loaded ({type(error).__name__}); resume or redo "
+                "the pre-training run"
+            ) from None
+    return encoders
 
 
-def collapsed_dimensions(embeddings, threshold: float = COLLAPSE_THRESHOLD) -> int:
-    """The number of covariance singular values below `threshold` times the largest.
+def _random_encoder(like):
+    """A randomly initialised encoder of `like`'s architecture (seed 0)."""
+    import keras
 
-    Counts the dimensions of the embedding space that the data does not use
-    (protocol.md: below `1e-6 * max`). An all-constant embedding has all `d` collapsed.
+    from keras_ssrl.encoders import build_encoder
+
+    keras.utils.set_random_seed(0)
+    return build_encoder(
+        like.input_shape[-1],
+        layers=sum(isinstance(lay, keras.layers.Dense) for lay in like.layers),
+        width=like.output_shape[-1],
+    )
+
+
+def _data_of(runs: dict[str, str], data_dir: str | None) -> str:
+    """The dataset to embed: `data_dir`, else the one the first run recorded."""
+    if data_dir is not None:
+        return data_dir
+    config = load_run_config(next(iter(runs.values()))) or {}
+    data_dir = config.get("data", {}).get("dir")
+    if data_dir is None:
+        raise ProtocolError("pass --data: the runs do not record their dataset")
+    return data_dir
+
+
+def run_collapse(
+    runs: dict[str, str],
+    data_dir: str | None,
+    out_dir: str,
+    random_baseline: bool = True,
+    log=print,
+) -> list[str]:
+    """Figure 4 (bottom): covariance spectra of encoders on the pre-training validation set.
 
     Args:
-        embeddings: array-like of shape `(N, d)`.
-        threshold: float, relative to the largest singular value (1e-6).
+        runs: name -> pre-training RUN_DIR.
+        data_dir: the dataset whose `pretrain_val` split is embedded (None: the first
+            run's dataset).
+        out_dir: receives `collapse.csv` (effective rank, collapsed dimensions, embedding
+            std per run), `spectrum.csv` (every singular value) and `collapse.png`.
+        random_baseline: also embed with a randomly initialised encoder of the first
+            run's architecture (the reference without pre-training).
 
-    Returns:
-        An int between 0 and `d`.
-
-    Example:
-
-    >>> z = np.outer(np.arange(8.0), [1.0, 2.0, 0.0])  # rank 1 in 3 dimensions
-    >>> collapsed_dimensions(z)
-    2
+    Everything is checked before `out_dir` is created.
     """
-    spectrum = covariance_spectrum(embeddings)
-    largest = spectrum[0] if spectrum.size else 0.0
-    if largest <= 0:
-        return int(spectrum.size)
-    return int(np.sum(spectrum < threshold * largest))
+    from keras_ssrl.data import schema
+    from keras_ssrl.data.reader import load_dataset
+
+    if not runs:
+        raise ProtocolError("collapse needs at least one pre-training run (--runs)")
+    check_writable_folder(out_dir)
+    encoders = _load_encoders(runs)
+    data_dir = _data_of(runs, data_dir)
+    n_genes = Manifest.load(data_dir).n_genes
+    for name, encoder in encoders.items():
+        if encoder.input_shape[-1] != n_genes:
+            raise ProtocolError(
+                f"{name}: the encoder takes {encoder.input_shape[-1]} genes, "
+                f"{data_dir} has {n_genes}"
+            )
+    if random_baseline:
+        encoders[RANDOM_INIT] = _random_encoder(next(iter(encoders.values())))
+    xs = list(load_dataset(data_dir, schema.PRETRAIN_VAL, 1024, with_labels=False))
+    with evaluation_lock(out_dir):
+        return _write_collapse(encoders, xs, out_dir, log)
 
 
-def collapse_metrics(embeddings) -> dict[str, float]:
-    """The three monitors at once: `embedding_std`, `effective_rank`, `collapsed_dims`."""
-    return {
-        "embedding_std": embedding_std(embeddings),
-        "effective_rank": effective_rank(embeddings),
-        "collapsed_dims": float(collapsed_dimensions(embeddings)),
-    }
+def _write_collapse(encoders: dict, xs: list, out_dir: str, log) -> list[str]:
+    import pandas as pd
+
+    from keras_ssrl.evaluation import plots
+    from keras_ssrl.metrics import (
+        COLLAPSE_THRESHOLD,
+        collapse_metrics,
+        covariance_spectrum,
+    )
+
+    rows, spectra, long_rows = [], {}, []
+    for name, encoder in encoders.items():
+        z = np.concatenate([encoder(x, training=False).numpy() for x in xs])
+        values = covariance_spectrum(z)
+        spectra[name] = values
+        rows.append({"run": name, "samples": len(z), "dimensions": z.shape[1],
+                     **collapse_metrics(z)})  # fmt: skip
+        long_rows += [{"run": name, "rank": i + 1, "singular_value": v}
+                      for i, v in enumerate(values)]  # fmt: skip
+        log(f"{name}: effective rank {rows[-1]['effective_rank']:.1f}, collapsed "
+            f"dimensions {int(rows[-1]['collapsed_dims'])}")  # fmt: skip
+    table = os.path.join(out_dir, "collapse.csv")
+    write_csv_atomic(pd.DataFrame(rows), table)
+    values = os.path.join(out_dir, "spectrum.csv")
+    write_csv_atomic(pd.DataFrame(long_rows), values)
+    figure = os.path.join(out_dir, "collapse.png")
+    plots.spectrum(spectra, figure, title=f"threshold {COLLAPSE_THRESHOLD:g} x max")
+    for path in (table, values, figure):
+        log(f"wrote {path}")
+    return [table, values, figure]

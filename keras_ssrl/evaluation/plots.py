@@ -43,7 +43,7 @@ def _finish(fig, ax, path: str, title: str) -> None:
 
 
 def _save(fig, path: str) -> None:
-    from keras_ssrl.data.manifest import atomic_path
+    from keras_ssrl.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")

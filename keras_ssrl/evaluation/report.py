@@ -5,9 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 
-from keras_ssrl.data.manifest import atomic_path
+from keras_ssrl.files import atomic_path
 
-# What the paper reports (sections 3.3-3.5), for the reader to compare with.
 PAPER_FINDINGS = {
     "label-efficiency": (
         "Pre-trained encoders fine-tuned **unfrozen** beat the non-pre-trained baseline "
@@ -101,18 +100,19 @@ def data_warnings(out_dir: str) -> str:
     """
     from keras_ssrl.data.errors import DataError
     from keras_ssrl.data.manifest import Manifest
-    from keras_ssrl.evaluation import protocol
+    from keras_ssrl.evaluation.experiments import KINDS, ProtocolError
+    from keras_ssrl.evaluation.results import EXPERIMENT_JSON, load_experiment
     from keras_ssrl.finetuning import FinetuneError, check_labelled_splits
 
     warnings: list[str] = []
-    for name in ("label-efficiency", "architectures", "pretrain-size"):
+    for name in KINDS:
         folder = os.path.join(out_dir, name)
-        if not os.path.exists(os.path.join(folder, protocol.EXPERIMENT_JSON)):
+        if not os.path.exists(os.path.join(folder, EXPERIMENT_JSON)):
             continue
         try:
-            data = protocol.load_experiment(folder).finetune_data
+            data = load_experiment(folder).finetune_data
             found = check_labelled_splits(Manifest.load(data)) if data else []
-        except (protocol.ProtocolError, DataError, FinetuneError):
+        except (ProtocolError, DataError, FinetuneError):
             continue  # the sweeps themselves report these
         warnings += [w for w in found if w not in warnings]
     return "".join(f"> **Warning**: {w}\n\n" for w in warnings)
@@ -140,7 +140,9 @@ def write_report(out_dir: str, preset: str, setting: str) -> str:
         f"Paper: {PAPER_FINDINGS['label-efficiency']}\n",
         _figure(out_dir, "label-efficiency/label_efficiency.png", "label efficiency"),
         _table(os.path.join(out_dir, "label-efficiency", "aupc.csv"), gain_columns),
-        label_efficiency_findings(os.path.join(out_dir, "label-efficiency", "aupc.csv")),
+        label_efficiency_findings(
+            os.path.join(out_dir, "label-efficiency", "aupc.csv")
+        ),
         "## Architectures (Figure 4, top)\n",
         f"Paper: {PAPER_FINDINGS['architectures']}\n",
         _figure(out_dir, "architectures/architectures.png", "architectures"),

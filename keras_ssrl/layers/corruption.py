@@ -102,8 +102,9 @@ class MarginalCorruption(keras.layers.Layer):
     the value the same feature takes in another example drawn uniformly from the batch,
     which is a draw from that feature's empirical marginal (SCARF, section 2.2.1; VIME's
     x~ = m * x_bar + (1 - m) * x). The replacement row is drawn from the current batch,
-    as protocol.md allows; never Uniform(min, max). Per-feature Bernoulli masks corrupt a
-    fraction `rate` on average (within +-0.2% at 57k genes) without a per-row sort.
+    as docs/protocol.md ("SCARF") allows; never Uniform(min, max). Per-feature Bernoulli
+    masks corrupt a fraction `rate` on average (within +-0.2% at 57k genes) without a
+    per-row sort.
 
     Randomness comes from `keras.random` with the layer's `SeedGenerator` (a fresh key
     per call, expanded to one uniform per cell by a counter-based hash, see

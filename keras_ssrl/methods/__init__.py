@@ -1,16 +1,18 @@
-"""Self-supervised pre-training methods, each a `keras.Model` over one encoder."""
+"""Self-supervised pre-training methods, each a `keras.Model` over one encoder.
+
+`Scarf`, `Vime` and `Byol` (docs/protocol.md, "SCARF", "VIME", "BYOL") share the
+training step of `PretrainingModel`; `build_method` builds one from a `PretrainConfig`.
+"""
 
 from __future__ import annotations
 
 import keras
 
-from keras_ssrl.config import PretrainConfig
+from keras_ssrl.config import METHODS, PretrainConfig
 from keras_ssrl.methods.base import PretrainingModel
 from keras_ssrl.methods.byol import Byol
 from keras_ssrl.methods.scarf import Scarf
 from keras_ssrl.methods.vime import Vime
-
-METHODS = ("scarf", "vime", "byol")
 
 
 def build_method(
@@ -18,6 +20,7 @@ def build_method(
     encoder: keras.Model,
     n_genes: int | None = None,
     config: PretrainConfig | None = None,
+    *,
     total_steps: int | None = None,
     seed: int | None = None,
 ) -> PretrainingModel:
@@ -44,26 +47,26 @@ def build_method(
         c = config.scarf
         return Scarf(
             encoder,
-            c.corruption_rate,
-            c.temperature,
-            c.projector_hidden,
-            c.projector_dim,
+            corruption_rate=c.corruption_rate,
+            temperature=c.temperature,
+            projector_hidden=c.projector_hidden,
+            projector_dim=c.projector_dim,
             seed=seed,
         )
     if name == "vime":
         c = config.vime
-        return Vime(encoder, c.mask_rate, c.alpha, seed=seed)
+        return Vime(encoder, mask_rate=c.mask_rate, alpha=c.alpha, seed=seed)
     if name == "byol":
         c = config.byol
         return Byol(
             encoder,
-            c.corruption_rate,
-            c.hidden,
-            c.projection_dim,
-            c.ema_base,
-            c.ema_schedule,
-            total_steps or 1000,
-            c.symmetric,
+            corruption_rate=c.corruption_rate,
+            hidden=c.hidden,
+            projection_dim=c.projection_dim,
+            ema_base=c.ema_base,
+            ema_schedule=c.ema_schedule,
+            total_steps=total_steps or 1000,
+            symmetric=c.symmetric,
             seed=seed,
         )
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

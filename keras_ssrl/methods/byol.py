@@ -30,7 +30,7 @@ def _frozen_copy(model: keras.Model, name: str) -> keras.Model:
 
 @keras.saving.register_keras_serializable(package="keras_ssrl")
 class Byol(PretrainingModel):
-    """BYOL pre-training (protocol.md, "BYOL").
+    """BYOL pre-training (docs/protocol.md, "BYOL").
 
     The online branch (encoder, projector, predictor) sees x; the target branch (copies
     of encoder and projector, weights xi) sees a corrupted view x~. The loss is
@@ -58,6 +58,7 @@ class Byol(PretrainingModel):
     def __init__(
         self,
         encoder: keras.Model,
+        *,
         corruption_rate: float = 0.3,
         hidden: int = 4096,
         projection_dim: int = 256,

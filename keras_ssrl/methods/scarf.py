@@ -12,7 +12,7 @@ from keras_ssrl.methods.base import PretrainingModel, global_batch
 
 @keras.saving.register_keras_serializable(package="keras_ssrl")
 class Scarf(PretrainingModel):
-    """SCARF pre-training (protocol.md, "SCARF").
+    """SCARF pre-training (docs/protocol.md, "SCARF").
 
     Each example x gets a corrupted view x~ (a fraction `corruption_rate` of its features
     replaced from their empirical marginals); encoder and projector map both, and the
@@ -43,6 +43,7 @@ class Scarf(PretrainingModel):
     def __init__(
         self,
         encoder: keras.Model,
+        *,
         corruption_rate: float = 0.3,
         temperature: float = 1.0,
         projector_hidden: int = 256,

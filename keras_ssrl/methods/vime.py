@@ -12,7 +12,7 @@ from keras_ssrl.methods.base import PretrainingModel
 
 @keras.saving.register_keras_serializable(package="keras_ssrl")
 class Vime(PretrainingModel):
-    """VIME pre-training (protocol.md, "VIME").
+    """VIME pre-training (docs/protocol.md, "VIME").
 
     A mask m ~ Bernoulli(p_m), drawn afresh at every step, selects features replaced
     from their empirical marginals: x~ = m * x_bar + (1 - m) * x. From the encoding of x~
@@ -24,7 +24,8 @@ class Vime(PretrainingModel):
         mask_rate: float, p_m (0.3).
         alpha: float, weight of the reconstruction loss (2.0).
         decoder_layers, decoder_width: the decoders' architecture; None copies the
-            encoder's (its number of Dense layers and its width), as the protocol asks.
+            encoder's (its number of Dense layers and its width), as docs/protocol.md
+            asks ("VIME").
         seed: int, corruption seed.
 
     Reference:
@@ -37,6 +38,7 @@ class Vime(PretrainingModel):
     def __init__(
         self,
         encoder: keras.Model,
+        *,
         mask_rate: float = 0.3,
         alpha: float = 2.0,
         decoder_layers: int | None = None,

@@ -103,9 +103,7 @@ def open_source(
 
         source = open_archs4(path, gene_id=gene_id, label_field=in_source_label)
         if label_rules and not labels:
-            rules = read_label_rules(label_rules)
-            fields = source.sample_metadata(list(rule_fields))
-            source.labels, report = apply_label_rules(fields, rules)
+            source.labels, report = _rule_labels(source, label_rules, rule_fields)
     elif fmt == "xena":
         from keras_ssrl.data.sources.xena import open_xena
 
@@ -126,6 +124,13 @@ def open_source(
         source.labels, report = join_labels(source.sample_ids, mapping, labels)
     report["format"] = fmt
     return source, report
+
+
+def _rule_labels(source, label_rules: str, rule_fields: tuple[str, ...]):
+    """ARCHS4 labels from `(label, regex)` rules over metadata fields, and a report."""
+    rules = read_label_rules(label_rules)
+    fields = source.sample_metadata(list(rule_fields))
+    return apply_label_rules(fields, rules)
 
 
 __all__ = ["Block", "ExpressionSource", "FORMATS", "detect_format", "open_source"]

@@ -218,27 +218,10 @@ def open_archs4(
             raise DataError(f"{path}: no {SAMPLE_IDS} dataset (the sample ids)")
         sample_ids = decode_strings(handle[SAMPLE_IDS][()])
         gene_axis = _gene_axis(path, data.shape, field, len(genes), len(sample_ids))
-        labels = None
-        if label_field is not None:
-            key = f"meta/samples/{label_field}"
-            if key not in handle:
-                raise DataError(
-                    f"{path}: no label field {key} (fields: "
-                    f"{preview(sorted(handle['meta/samples'].keys()), 12)})"
-                )
-            raw = _read_field(path, handle[key], len(sample_ids), label_field)
-            labels = [None if str(v).strip() == "" else str(v) for v in raw]
-        if gene_axis == 1:
-            layout = "transposed"
-        elif not any(
-            f in handle for f in GENE_FIELDS["ensembl"] + GENE_FIELDS["symbol"]
-        ):
-            layout = "v1"
-        else:
-            layout = "v2"
+        labels = _labels(path, handle, label_field, len(sample_ids))
         info = {
             "format": "archs4",
-            "layout": layout,
+            "layout": _layout(handle, gene_axis),
             "gene_id": kind,
             "gene_field": field,
             "shape": [int(n) for n in data.shape],
@@ -253,6 +236,29 @@ def open_archs4(
         gene_axis=gene_axis,
         gene_field=field,
     )
+
+
+def _labels(path: str, handle, label_field: str | None, n_samples: int):
+    """The labels in `meta/samples/<label_field>` (None: no label field asked for)."""
+    if label_field is None:
+        return None
+    key = f"meta/samples/{label_field}"
+    if key not in handle:
+        raise DataError(
+            f"{path}: no label field {key} (fields: "
+            f"{preview(sorted(handle['meta/samples'].keys()), 12)})"
+        )
+    raw = _read_field(path, handle[key], n_samples, label_field)
+    return [None if str(v).strip() == "" else str(v) for v in raw]
+
+
+def _layout(handle, gene_axis: int) -> str:
+    """The file's layout name (see the module docstring)."""
+    if gene_axis == 1:
+        return "transposed"
+    if not any(f in handle for f in GENE_FIELDS["ensembl"] + GENE_FIELDS["symbol"]):
+        return "v1"
+    return "v2"
 
 
 def _choose_gene_field(path: str, handle, gene_id: str) -> tuple[str, str]:

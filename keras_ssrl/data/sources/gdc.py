@@ -34,7 +34,7 @@ import numpy as np
 
 from keras_ssrl.data.errors import DataError, preview
 from keras_ssrl.data.sources.base import Block, ExpressionSource
-from keras_ssrl.data.sources.tables import NA_TOKENS, parse_cell
+from keras_ssrl.data.sources.cells import NA_TOKENS, parse_cell
 
 COUNTS_SUFFIX = ".rna_seq.augmented_star_gene_counts.tsv"
 # STAR's summary rows, in file order, above the genes.

@@ -15,9 +15,10 @@ at the end of every line is ignored. Blank lines are skipped (line numbers in er
 messages count them, later row numbers assume there are none).
 
 Values: empty cells and the usual missing-value tokens (`NA`, `NaN`, `N/A`, `NULL`,
-...) become NaN, which the conversion pipeline reports with its own policy; any other
-cell that is not a number is a `DataError` naming the file, line, sample and gene. A
-data row with fewer cells than the header is padded with NaN.
+...; see `keras_ssrl.data.sources.cells`) become NaN, which the conversion pipeline
+reports with its own policy; any other cell that is not a number is a `DataError`
+naming the file, line, sample and gene. A data row with fewer cells than the header is
+padded with NaN.
 
 Orientation, when `genes_as_rows` is None, is decided by these rules, in order:
 
@@ -38,11 +39,7 @@ Orientation, when `genes_as_rows` is None, is decided by these rules, in order:
 
 from __future__ import annotations
 
-import bz2
 import csv
-import gzip
-import io
-import lzma
 import os
 import re
 import zlib
@@ -52,42 +49,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_ssrl.data.errors import DataError, preview
+from keras_ssrl.data.sources.cells import (
+    NA_TOKENS,
+    detect_compression,
+    format_from_path,
+    open_text,
+    parse_cell,
+)
 from keras_ssrl.data.sources.memory import ArraySource
 
 FORMATS = ("auto", "csv", "tsv", "parquet")
-
-# Cells read as missing values (NaN), whatever the column.
-NA_TOKENS = frozenset(
-    {
-        "",
-        "NA",
-        "na",
-        "NaN",
-        "nan",
-        "-NaN",
-        "-nan",
-        "N/A",
-        "n/a",
-        "#N/A",
-        "NULL",
-        "null",
-        "None",
-        "<NA>",
-    }
-)
-
-_EXTENSIONS = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".txt": "tsv",
-    ".tab": "tsv",
-    ".xena": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-_COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".xz")
-_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
-_OPENERS = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 
 ENSEMBL_GENE_RE = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?(_PAR_Y)?$")
 _SAMPLE_ID_RE = re.compile(r"^(GSM\d+|[SED]R[RSX]\d+|TCGA-\w|TARGET-\w|GTEX-\w)")
@@ -115,81 +86,6 @@ def _mostly(cells: Sequence[str], pattern: re.Pattern) -> bool:
         return False
     hits = sum(1 for c in cells if pattern.match(c))
     return hits * 2 > len(cells)
-
-
-def parse_cell(cell: str) -> float | None:
-    """Parses one text cell as a number.
-
-    Args:
-        cell: str, the cell as written in the file.
-
-    Returns:
-        The float value, NaN for a missing-value token (see `NA_TOKENS`), or None when
-        the cell is not a number.
-    """
-    text = cell.strip()
-    if text in NA_TOKENS:
-        return float("nan")
-    # Python's float() accepts "1_000", which no table reader does: reject it so that
-    # the fast (pandas) path and this slow path agree on what a number is.
-    if "_" in text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def format_from_path(path: str) -> str:
-    """Guesses the table format from a file name.
-
-    Args:
-        path: str, the file name (`.csv`, `.tsv`/`.txt`/`.tab`, `.parquet`/`.pq`,
-            optionally followed by `.gz`, `.bz2` or `.xz` for text).
-
-    Returns:
-        "csv", "tsv" or "parquet".
-
-    Raises:
-        DataError: when the extension is not one of those.
-    """
-    name = os.path.basename(str(path)).lower()
-    for ext in _COMPRESSION_EXTENSIONS:
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    ext = os.path.splitext(name)[1]
-    if ext not in _EXTENSIONS:
-        raise DataError(
-            f"cannot tell the format of {path} from its extension {ext or '(none)'!r}: "
-            "pass the format explicitly (csv, tsv or parquet)"
-        )
-    return _EXTENSIONS[ext]
-
-
-def detect_compression(path: str) -> str | None:
-    """Returns "gzip", "bz2", "xz" or None, from the file's first bytes."""
-    with open(path, "rb") as handle:
-        head = handle.read(6)
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    return None
-
-
-def open_text(path: str, compression: str | None = None) -> io.TextIOBase:
-    """Opens a possibly compressed UTF-8 text file for the `csv` module.
-
-    Args:
-        path: str, the file.
-        compression: "gzip", "bz2", "xz" or None (plain text).
-
-    Returns:
-        A text stream (newline="" as the `csv` module needs; a byte-order mark is
-        dropped).
-    """
-    opener = _OPENERS.get(compression, open)
-    return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
 @dataclass
@@ -260,6 +156,11 @@ def open_table(
         label_column,
         genes_as_rows,
     )
+    return _table_source(path, fmt, reader, layout)
+
+
+def _table_source(path: str, fmt: str, reader, layout: _Layout) -> ArraySource:
+    """Reads a table whose layout is decided into an `ArraySource` (samples as rows)."""
     ids, labels, values = reader.read(layout)
     header = reader.header
     if layout.genes_as_rows:
@@ -370,6 +271,7 @@ def _detect_genes_as_rows(
 def _bad_cell_error(
     path: str,
     where: str,
+    *,
     row_id: str,
     column: str,
     cell: str,
@@ -512,11 +414,11 @@ class _TextTable:
                         raise _bad_cell_error(
                             self.path,
                             f"line {reader.line_num}",
-                            row_id,
-                            self.header[c],
-                            cell,
-                            layout.genes_as_rows,
-                            c + 1,
+                            row_id=row_id,
+                            column=self.header[c],
+                            cell=cell,
+                            genes_as_rows=layout.genes_as_rows,
+                            column_number=c + 1,
                         )
 
 
@@ -598,11 +500,11 @@ class _ParquetTable:
                     raise _bad_cell_error(
                         self.path,
                         f"row {row + 1}",
-                        ids[row],
-                        self.header[c],
-                        cell,
-                        layout.genes_as_rows,
-                        c + 1,
+                        row_id=ids[row],
+                        column=self.header[c],
+                        cell=cell,
+                        genes_as_rows=layout.genes_as_rows,
+                        column_number=c + 1,
                     )
                 out[row] = value
             return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from keras_ssrl.evaluation import (
+from keras_ssrl.metrics import (
     collapse_metrics,
     collapsed_dimensions,
     covariance_spectrum,

@@ -1,4 +1,4 @@
-"""The command-line tools: convert, inspect and align, as a user runs them."""
+"""The dataset tools of `tfrecords_tools/`: convert, verify and align, as a user runs them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from keras_ssrl.data import Manifest
 from tests.conftest import ROOT, load_script, small_matrix, write_samples_as_rows
 
 convert_cli = load_script("tfrecords_tools/convert.py")
-inspect_cli = load_script("tfrecords_tools/inspect.py")
+verify_cli = load_script("tfrecords_tools/verify.py")
 align_cli = load_script("tfrecords_tools/align.py")
 
 
@@ -51,7 +51,7 @@ def test_csv_with_label_column(table, tmp_path):
     assert manifest.labels == sorted(set(labels))
     assert manifest.data["source"]["format"] == "csv"
     assert "--label-column" in manifest.data["command"]
-    assert run(inspect_cli, out) == 0
+    assert run(verify_cli, out) == 0
 
 
 def test_label_file_joined_on_sample_id(table, tmp_path):
@@ -179,7 +179,7 @@ def test_align_rewrites_onto_target_gene_order(dataset_dir, tmp_path, capsys):
     np.testing.assert_array_equal(
         aligned.mean, source.mean[[source.genes.index(g) for g in aligned.genes]]
     )
-    assert run(inspect_cli, out) == 0
+    assert run(verify_cli, out) == 0
     wrong = tmp_path / "symbols.txt"
     wrong.write_text("TP53\nBRCA1\nEGFR\n")
     assert run(align_cli, dataset_dir, "--to", wrong, "--out", tmp_path / "x") == 2
@@ -208,21 +208,21 @@ def test_convert_aligned_to_another_dataset(table, dataset_dir, tmp_path, capsys
     assert "genes matched" in capsys.readouterr().out
 
 
-def test_inspect_exit_codes(dataset_dir, tmp_path, capsys):
+def test_verify_exit_codes(dataset_dir, tmp_path, capsys):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(dataset_dir, copy)
     shard = sorted(copy.glob("test-*.tfrecord"))[0]
     shard.write_bytes(shard.read_bytes()[:-25])
-    assert run(inspect_cli, copy) == 1
+    assert run(verify_cli, copy) == 1
     assert shard.name in capsys.readouterr().err
-    assert run(inspect_cli, tmp_path / "nothing") == 2
+    assert run(verify_cli, tmp_path / "nothing") == 2
 
 
 def test_scripts_run_from_a_shell(tmp_path):
-    """The scripts start as users start them (a script named inspect.py must not
-    shadow the standard library)."""
+    """The scripts start as users start them, from a shell, with no `sys.path`
+    prelude (no script of the folder shadows a standard-library module)."""
     out = tmp_path / "builtin"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
@@ -246,7 +246,7 @@ def test_scripts_run_from_a_shell(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     done = subprocess.run(
-        [sys.executable, "tfrecords_tools/inspect.py", str(out)],
+        [sys.executable, "tfrecords_tools/verify.py", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,9 +1,9 @@
-"""Summarise a converted dataset and check its integrity, record by record.
+"""Summarise a converted dataset and verify its integrity, record by record.
 
 Usage:
 
-    python tfrecords_tools/inspect.py data/synthetic-tcga
-    python tfrecords_tools/inspect.py data/synthetic-tcga --no-checksums   # faster
+    python tfrecords_tools/verify.py data/synthetic-tcga
+    python tfrecords_tools/verify.py data/synthetic-tcga --no-checksums   # faster
 
 Prints genes, classes and counts per split, then checks every shard listed in the
 manifest (present, size, sha256, every record parses with the right width and label,
@@ -14,15 +14,9 @@ manifest names files outside the folder.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-# This folder holds a script named inspect.py: keep it (and its neighbours) from
-# shadowing the standard library's `inspect`, which numpy and TensorFlow import.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import argparse  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

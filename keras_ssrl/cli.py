@@ -1,0 +1,167 @@
+"""Command lines over config dataclasses: one way to turn flags into a config.
+
+Every script that trains (`pretrain.py`, `finetune.py`, `evaluate.py`) declares its
+settings flags as a table of `Flag`s, each naming a field of a config dataclass by its
+dotted path (`encoder.width`, `scarf.temperature`). The table then
+
+- adds the flags to an `argparse` parser, with the dataclass default shown once in
+  the help text (the flags themselves default to None, so "not given" is known);
+- applies the flags a user gave onto a config (defaults <- preset <- flags), refusing
+  a method-specific flag for another method;
+- names the flag of a config path, so that a validation error about
+  `scarf.corruption_rate` can say `--corruption-rate`.
+
+Defaults live in `keras_ssrl.config` only; no script restates them.
+
+Example:
+
+```python
+FLAGS = FlagTable(PretrainConfig, [
+    Flag("--epochs", "epochs", int, "passes over the pre-training split"),
+    Flag("--temperature", "scarf.temperature", float, "InfoNCE temperature",
+         methods=("scarf",)),
+])
+FLAGS.add_to(parser)
+config = FLAGS.apply(args, PretrainConfig(), method=args.method)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag that sets one field of a config dataclass.
+
+    Attributes:
+        name: the flag, `--width`.
+        path: the dotted config path it sets, `encoder.width`. `{method}` in the path
+            is replaced by the run's method (`{method}.corruption_rate`).
+        type: callable converting the text (int, float, str), or `bool` for an
+            on/off flag (`--symmetric` / `--no-symmetric`).
+        help: what it sets (the default is appended from the config).
+        choices: allowed values, if any.
+        methods: the methods it applies to (None: all).
+        metavar: the placeholder shown in the help text.
+    """
+
+    name: str
+    path: str
+    type: Callable = str
+    help: str = ""
+    choices: Sequence | None = None
+    methods: Sequence[str] | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+def get_path(config, path: str):
+    """The value at a dotted path of a (nested) config dataclass."""
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def set_path(config, path: str, value) -> None:
+    """Sets the value at a dotted path of a (nested) config dataclass."""
+    *parents, name = path.split(".")
+    target = config
+    for part in parents:
+        target = getattr(target, part)
+    if not dataclasses.is_dataclass(target) or name not in {
+        f.name for f in dataclasses.fields(target)
+    }:
+        raise AttributeError(f"no config field {path!r}")
+    setattr(target, name, value)
+
+
+class FlagTable:
+    """The settings flags of a command line, over one config dataclass.
+
+    Args:
+        config_class: the dataclass whose defaults the help text shows.
+        flags: the `Flag`s.
+        defaults: an instance to take defaults from (default: `config_class()`).
+    """
+
+    def __init__(self, config_class: type, flags: Sequence[Flag], defaults=None):
+        self.config_class = config_class
+        self.flags = tuple(flags)
+        self.defaults = defaults if defaults is not None else config_class()
+
+    def _default_text(self, flag: Flag) -> str:
+        if "{method}" in flag.path:
+            methods = flag.methods or ()
+            shown = [
+                f"{m} {get_path(self.defaults, flag.path.format(method=m))}"
+                for m in methods
+            ]
+            return ", ".join(shown)
+        return str(get_path(self.defaults, flag.path))
+
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup):
+        """Adds every flag, each defaulting to None (not given)."""
+        for flag in self.flags:
+            text = flag.help + (f" (default: {self._default_text(flag)})")
+            if flag.methods:
+                text = f"{'/'.join(flag.methods)}: {text}"
+            if flag.type is bool:
+                parser.add_argument(
+                    flag.name,
+                    dest=flag.dest,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=text,
+                )
+                continue
+            parser.add_argument(
+                flag.name,
+                dest=flag.dest,
+                type=flag.type,
+                default=None,
+                choices=flag.choices,
+                metavar=flag.metavar,
+                help=text,
+            )
+        return parser
+
+    def given(self, args: argparse.Namespace) -> list[Flag]:
+        """The flags the user gave."""
+        return [f for f in self.flags if getattr(args, f.dest, None) is not None]
+
+    def apply(self, args: argparse.Namespace, config, method: str | None = None):
+        """Sets the given flags' values on `config` (in place) and returns it.
+
+        Raises:
+            ValueError: a flag that does not apply to `method`.
+        """
+        for flag in self.given(args):
+            if flag.methods and method not in flag.methods:
+                raise ValueError(
+                    f"{flag.name} applies to {', '.join(flag.methods)}, not {method}"
+                )
+            path = flag.path.format(method=method)
+            set_path(config, path, getattr(args, flag.dest))
+        return config
+
+    def flag_of(self, path: str | None) -> str | None:
+        """The flag that sets config path `path`, if there is one."""
+        if path is None:
+            return None
+        for flag in self.flags:
+            if flag.path == path:
+                return flag.name
+            if "{method}" in flag.path and any(
+                flag.path.format(method=m) == path for m in flag.methods or ()
+            ):
+                return flag.name
+        return None

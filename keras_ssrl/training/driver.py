@@ -1,0 +1,344 @@
+"""`run_pretraining`: a pre-training run from settings to a finished run folder.
+
+The run goes through small steps that share one `RunContext`:
+
+1. check the arguments and the folder (nothing is written yet);
+2. resolve the data, precision, strategy and sizes (`_resolve`), and the record
+   `config.json` will hold; a resume must be the same run;
+3. under the folder's lock: build the model under the strategy scope (`_build`),
+   restore the newest checkpoint when resuming (`_restore`), train
+   (`keras_ssrl.training.loop.train`) and write the outputs
+   (`keras_ssrl.training.outputs.finish`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Callable
+
+from keras_ssrl.config import PRECISIONS, ConfigError, PretrainConfig, validate_config
+from keras_ssrl.data import schema
+from keras_ssrl.data.errors import DataError
+from keras_ssrl.data.manifest import Manifest
+from keras_ssrl.files import remove_stale_temporaries, write_json_atomic
+from keras_ssrl.runs import (
+    CONFIG_JSON,
+    RunDirError,
+    check_outside,
+    locked_folder,
+    stale_temporaries_pattern,
+)
+from keras_ssrl.training import loop, outputs
+from keras_ssrl.training.checkpoints import seed_states
+from keras_ssrl.training.context import (
+    DEFAULT_BUILTIN,
+    DEFAULT_CHECKPOINT_EVERY,
+    DISTRIBUTE,
+    ResumePoint,
+    RunContext,
+    RunModel,
+    RunOptions,
+)
+from keras_ssrl.training.input import (
+    TrainingPlan,
+    naming_damaged_shards,
+    pretrain_subset,
+)
+from keras_ssrl.training.rundir import (
+    RUN_FILES,
+    check_same_run,
+    existing_run,
+    run_record,
+)
+from keras_ssrl.training.signals import SigtermHandler, on_sigterm
+
+
+def resolve_precision(precision: str) -> str:
+    """The Keras dtype policy for `precision`.
+
+    `auto` is `mixed_float16` when every visible GPU has compute capability >= 7.0
+    (tensor cores), else `float32` (CPUs gain nothing from float16).
+
+    Args:
+        precision: `auto`, `float32`, `mixed_float16` or `mixed_bfloat16`.
+
+    Returns:
+        A policy name other than `auto`.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "float32"
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        if tuple(details.get("compute_capability") or (0, 0)) < (7, 0):
+            return "float32"
+    return "mixed_float16"
+
+
+def _mirrored_strategy():
+    """`MirroredStrategy` over the GPUs, or else over every logical CPU device.
+
+    Without GPUs, TensorFlow's default is one CPU device; several logical CPU devices
+    exist only when configured on purpose (`tf.config.set_logical_device_configuration`,
+    as tests do to check that the loss does not depend on the number of replicas).
+    """
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
+    cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices=cpus)
+
+
+def run_pretraining(
+    config: PretrainConfig,
+    data_dir: str | None,
+    run_dir: str,
+    *,
+    resume: bool = False,
+    distribute: str = "none",
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    verbose: int | str = "auto",
+    log: Callable[[str], None] = print,
+    command: list[str] | None = None,
+) -> dict:
+    """Pre-trains an encoder with SCARF, VIME or BYOL and writes a run folder.
+
+    Args:
+        config: a `PretrainConfig` (method, schedule, encoder, method settings).
+        data_dir: str, a converted dataset folder, or None for the built-in
+            `synthetic-tcga` data (converted once into the cache folder).
+        run_dir: str, the local run folder (see `keras_ssrl.training` for its files).
+        resume: bool, continue the run in `run_dir` from its newest complete
+            checkpoint. It must be the same run: same method, configuration, gene
+            list, dataset and precision, or `RunDirError` names the differences. With
+            no checkpoint yet, training starts from the beginning; a folder without a
+            run (no `config.json`) is refused. Without `resume`, `run_dir` must be
+            missing or empty.
+        distribute: `none` or `mirrored` (`tf.distribute.MirroredStrategy` over the
+            GPUs, or the logical CPU devices; `config.batch_size` is the global batch).
+        checkpoint_every: int, checkpoint period in steps (0: epoch ends only).
+        verbose: Keras `fit` verbosity (`"auto"`, 0, 1, 2).
+        log: callable receiving progress lines.
+        command: the command line, recorded in `config.json`.
+
+    Returns:
+        The summary written to `summary.json`.
+
+    Raises:
+        ConfigError: an invalid setting (`field` names it).
+        DataError: unreadable or unsuitable data; `DamagedDataError` when a shard
+            cannot be read during training (the shard is named).
+        RunDirError: `run_dir` holds another run (or a different one to resume),
+            foreign files, or is in use by another process (its PID is named).
+        NonFiniteLossError: the loss became NaN or inf (the step is named); the
+            checkpoints keep the last finite state.
+        TrainingInterrupted: SIGTERM received; a checkpoint of the current step was
+            written, `resume=True` continues.
+
+    Example:
+
+    ```python
+    from keras_ssrl.config import PretrainConfig
+    summary = run_pretraining(PretrainConfig(method="scarf", epochs=5), None, "runs/s")
+    encoder = keras.saving.load_model("runs/s/encoder.keras")
+    ```
+    """
+    options = RunOptions(
+        resume=resume,
+        distribute=distribute,
+        checkpoint_every=checkpoint_every,
+        verbose=verbose,
+        log=log,
+        command=command,
+    )
+    run_dir = _check_arguments(config, run_dir, options)
+    # Every refusal the folder allows, before the (slow) data checks and any write.
+    saved = existing_run(run_dir, resume)
+    run = _resolve(config, data_dir, run_dir, options)
+    record = run_record(run)
+    if saved is not None:
+        check_same_run(saved, record, run_dir)
+    with locked_folder(run_dir, "run folder"):
+        # Again under the lock: another process may have started a run meanwhile.
+        saved = existing_run(run_dir, resume)
+        if saved is not None:
+            check_same_run(saved, record, run_dir)
+        remove_stale_temporaries(run_dir, stale_temporaries_pattern(RUN_FILES), log)
+        return _run_locked(run, record if saved is None else None)
+
+
+def _check_arguments(config: PretrainConfig, run_dir: str, options: RunOptions):
+    """Validates the settings; returns the absolute run folder."""
+    validate_config(config)
+    if options.distribute not in DISTRIBUTE:
+        raise ConfigError(
+            f"distribute must be one of {DISTRIBUTE}, got {options.distribute!r}"
+        )
+    every = options.checkpoint_every
+    if not isinstance(every, numbers.Integral) or isinstance(every, bool) or every < 0:
+        raise ConfigError(
+            f"checkpoint_every must be an int >= 0, got {every!r}", "checkpoint_every"
+        )
+    if "://" in str(run_dir):
+        raise RunDirError(
+            f"{run_dir}: the run folder must be local (checkpoints are renamed "
+            "atomically); copy it to remote storage afterwards"
+        )
+    return os.path.abspath(run_dir)
+
+
+def _resolve(
+    config: PretrainConfig, data_dir: str | None, run_dir: str, options: RunOptions
+) -> RunContext:
+    """The run's data (the built-in set when None), precision, strategy and sizes."""
+    import tensorflow as tf
+
+    from keras_ssrl.data.builtin import ensure_builtin
+
+    builtin = None
+    if data_dir is None:
+        builtin = DEFAULT_BUILTIN
+        data_dir = ensure_builtin(DEFAULT_BUILTIN, log=options.log)
+    manifest = Manifest.load(data_dir)
+    for split in (schema.PRETRAIN, schema.PRETRAIN_VAL):
+        if manifest.num_records(split) < 1:
+            raise DataError(f"{data_dir}: split {split!r} is empty")
+    check_outside(run_dir, data_dir, "run folder")
+    precision = resolve_precision(config.precision)
+    subset = pretrain_subset(data_dir, config.pretrain_fraction, config.seed)
+    n_train = len(subset) if subset is not None else manifest.num_records("pretrain")
+    strategy = (
+        _mirrored_strategy()
+        if options.distribute == "mirrored"
+        else tf.distribute.get_strategy()
+    )
+    plan = TrainingPlan.create(
+        n_train, int(config.batch_size), config.epochs, strategy.num_replicas_in_sync
+    )
+    return RunContext(
+        config=config,
+        options=options,
+        run_dir=run_dir,
+        data_dir=data_dir,
+        builtin=builtin,
+        manifest=manifest,
+        subset=subset,
+        precision=precision,
+        strategy=strategy,
+        plan=plan,
+    )
+
+
+def _run_locked(run: RunContext, new_record: dict | None) -> dict:
+    """Builds, restores, trains and finishes; the folder's lock is held.
+
+    `new_record` is the `config.json` of a new run (None when resuming), written once
+    the model is built: a refused run leaves no config.json.
+    """
+    import keras
+
+    config = run.config
+    previous_policy = keras.config.dtype_policy()
+    # Before any layer exists: layers take the global policy when built.
+    keras.config.set_dtype_policy(run.precision)
+    try:
+        keras.utils.set_random_seed(config.seed)
+        with run.strategy.scope():
+            built = _build(run)
+        if new_record is not None:
+            write_json_atomic(run.path(CONFIG_JSON), new_record)
+        run.log(
+            f"{config.method}: {run.plan.n_train} training samples x "
+            f"{run.manifest.n_genes} genes, {run.plan.steps_per_epoch} steps/epoch x "
+            f"{run.plan.epochs} epochs, precision {run.precision}, {run.replicas} "
+            f"replica(s); run folder {run.run_dir}"
+        )
+        start = ResumePoint()
+        if run.options.resume:
+            with run.strategy.scope():
+                start = _restore(run, built)
+        sigterm = SigtermHandler()
+        with on_sigterm(sigterm), naming_damaged_shards(run.data_dir):
+            seconds = loop.train(run, built, start, sigterm)
+            sigterm.during_training = None
+            summary = outputs.finish(run, built, start, seconds)
+        if sigterm.received:
+            run.log("SIGTERM received once training had finished: the run completed")
+        return summary
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _build(run: RunContext) -> RunModel:
+    """The encoder, the method around it (compiled), best weights and checkpoint."""
+    import keras
+    import tensorflow as tf
+
+    from keras_ssrl.callbacks import BestEncoderWeights
+    from keras_ssrl.encoders import build_encoder
+    from keras_ssrl.methods import build_method
+
+    config, n_genes = run.config, run.manifest.n_genes
+    encoder = build_encoder(
+        n_genes,
+        config.encoder.layers,
+        config.encoder.width,
+        config.encoder.dropout,
+        # Several replicas: normalise with global-batch statistics, as one device does.
+        synchronized_batchnorm=run.replicas > 1,
+    )
+    try:
+        model = build_method(
+            config.method,
+            encoder,
+            n_genes,
+            config,
+            total_steps=run.plan.total_steps,
+            seed=config.seed,
+        )
+    except ValueError as error:  # a method setting out of range
+        raise ConfigError(f"{config.method}: {error}") from error
+    # Through compile, so that Keras wraps it in a LossScaleOptimizer under float16.
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    best = BestEncoderWeights(encoder, copy_weights=config.keep == "best")
+    checkpoint = tf.train.Checkpoint(
+        model=model,
+        optimizer=model.optimizer,
+        seed_states=seed_states(model),
+        best_encoder=best.variables,
+    )
+    return RunModel(encoder=encoder, model=model, best=best, checkpoint=checkpoint)
+
+
+def _restore(run: RunContext, built: RunModel) -> ResumePoint:
+    """Restores the newest checkpoint of the run folder; step 0 when there is none."""
+    # Optimizer slots are created lazily: create them so that they are restored.
+    built.model.optimizer.build(built.model.trainable_variables)
+    try:
+        found = loop.checkpoint_store(run).restore_latest(built.checkpoint)
+    except AssertionError as error:  # the saved objects differ from those built
+        raise RunDirError(
+            f"cannot resume {run.run_dir}: its checkpoint does not match the model "
+            f"built from its config ({str(error).splitlines()[0]})"
+        ) from error
+    if found is None:
+        run.log("no checkpoint to resume from: starting from step 0")
+        return ResumePoint()
+    folder, state = found
+    if state.get("steps_per_epoch") != run.plan.steps_per_epoch:
+        raise RunDirError(
+            f"cannot resume {run.run_dir}: its checkpoint has "
+            f"{state.get('steps_per_epoch')} steps per epoch, this setup "
+            f"{run.plan.steps_per_epoch}"
+        )
+    built.best.load_state(state.get("best", {}))
+    run.log(f"resuming from step {state['step']} ({folder})")
+    return ResumePoint(step=int(state["step"]), state=state)
