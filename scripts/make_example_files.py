@@ -28,30 +28,27 @@ from keras_ssrl.data.synthetic import SyntheticExpression, make_synthetic
 TOOL = "python tfrecords_tools/convert.py"
 
 
-def write_csv(data: SyntheticExpression, stem: str, seed: int) -> str:
-    """A samples-as-rows CSV with a `tissue` label column; returns its command."""
+def _write_table(data: SyntheticExpression, stem: str, ext: str) -> str:
+    """A samples-as-rows table with a `tissue` label column; returns its command."""
     path = layouts.write_table(
-        f"{stem}.csv",
+        f"{stem}.{ext}",
         data.counts,
         data.sample_ids,
         data.genes,
         labels=data.labels,
         label_column="tissue",
     )
-    return f"{TOOL} --input {path} --label-column tissue --out {stem}_csv"
+    return f"{TOOL} --input {path} --label-column tissue --out {stem}_{ext}"
+
+
+def write_csv(data: SyntheticExpression, stem: str, seed: int) -> str:
+    """A samples-as-rows CSV with a `tissue` label column; returns its command."""
+    return _write_table(data, stem, "csv")
 
 
 def write_parquet(data: SyntheticExpression, stem: str, seed: int) -> str:
     """The same table as Parquet (the authors' format)."""
-    path = layouts.write_table(
-        f"{stem}.parquet",
-        data.counts,
-        data.sample_ids,
-        data.genes,
-        labels=data.labels,
-        label_column="tissue",
-    )
-    return f"{TOOL} --input {path} --label-column tissue --out {stem}_parquet"
+    return _write_table(data, stem, "parquet")
 
 
 def write_xena(data: SyntheticExpression, stem: str, seed: int) -> str:
