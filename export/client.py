@@ -8,7 +8,7 @@ Usage:
 
     # The same over gRPC, version 2, columns of a Parquet file with a label column:
     python export/client.py --input samples.parquet --label-column cancer_type \
-        --grpc localhost:8500 --model-name ssrl --version 2 --model-dir models/ssrl/2
+        --grpc localhost:8500 --model-name ssrl --model-version 2 --model-dir models/ssrl/2
 
     # In-process, no server: the SavedModel called with the same inputs and outputs:
     python export/client.py --input samples.tsv --local models/ssrl --out predictions.csv
@@ -36,8 +36,11 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import add_console_flags, setup_logging  # noqa: E402
 from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.data.genes import DUPLICATE_POLICIES  # noqa: E402
 from keras_ssrl.data.schema import SPLITS, TEST  # noqa: E402
@@ -57,7 +60,7 @@ from keras_ssrl.serving import (  # noqa: E402
 from keras_ssrl.serving.assets import SAVED_MODEL_PB  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="See the module docstring (head -31 export/client.py) for examples.",
@@ -68,17 +71,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--input", help="CSV / TSV / Parquet of samples with gene columns"
     )
     what.add_argument("--records", metavar="DATA_DIR", help="converted TFRecord folder")
-    src.add_argument("--split", default=TEST, choices=SPLITS, help="with --records")
     src.add_argument(
-        "--format", default="auto", choices=("auto", "csv", "tsv", "parquet")
+        "--split",
+        default=TEST,
+        choices=SPLITS,
+        help="with --records: the split sent (default: %(default)s)",
+    )
+    src.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "csv", "tsv", "parquet"),
+        help="--input's format (default: auto, from the name)",
     )
     src.add_argument("--sample-column", help="sample-id column (default: the first)")
     src.add_argument("--label-column", help="a label column, copied to the output")
     orient = src.add_mutually_exclusive_group()
     orient.add_argument(
-        "--genes-as-rows", dest="genes_as_rows", action="store_true", default=None
+        "--genes-as-rows",
+        dest="genes_as_rows",
+        action="store_true",
+        default=None,
+        help="the table has one row per gene (detected when neither is given)",
     )
-    orient.add_argument("--samples-as-rows", dest="genes_as_rows", action="store_false")
+    orient.add_argument(
+        "--samples-as-rows",
+        dest="genes_as_rows",
+        action="store_false",
+        default=None,
+        help="the table has one row per sample (detected when neither is given)",
+    )
     src.add_argument(
         "--duplicate-genes",
         default="error",
@@ -100,13 +121,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     srv.add_argument("--model-name", default="ssrl", help="TF Serving model name")
     srv.add_argument(
-        "--version", type=int, help="model version (default: the server's)"
+        "--model-version",
+        type=int,
+        metavar="N",
+        help="model version (default: the server's, or --local's only one)",
     )
-    srv.add_argument("--rest-format", default="instances", choices=REST_FORMS)
-    srv.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    srv.add_argument(
+        "--rest-format",
+        default="instances",
+        choices=REST_FORMS,
+        help="REST request body: row (instances) or columnar (inputs) format "
+        "(default: %(default)s)",
+    )
+    srv.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help="samples per request (default: %(default)s)",
+    )
     p.add_argument("--embedding", action="store_true", help="also write embeddings")
-    p.add_argument("--out", default="predictions.csv", help="predictions CSV")
+    p.add_argument(
+        "--out", default="predictions.csv", help="predictions CSV (default: %(default)s)"
+    )
+    return add_console_flags(p)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.local is None and args.model_dir is None:
         p.error("--rest / --grpc need --model-dir (the export, for its gene list)")
@@ -116,13 +163,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def local_dir(args) -> str | None:
-    """--local, or its version folder MODEL_BASE/<version> when --version is given."""
+    """--local, or its version folder MODEL_BASE/<version> when --model-version is given."""
     if (
         args.local
-        and args.version is not None
+        and args.model_version is not None
         and not os.path.isfile(os.path.join(args.local, SAVED_MODEL_PB))
     ):
-        return os.path.join(args.local, str(args.version))
+        return os.path.join(args.local, str(args.model_version))
     return args.local
 
 
@@ -145,16 +192,17 @@ def open_model(args, local: str | None):
         return LocalModel(local)
     if args.rest:
         return RestModel(
-            args.rest, args.model_name, version=args.version, form=args.rest_format,
+            args.rest, args.model_name, version=args.model_version, form=args.rest_format,
             timeout=args.timeout,
         )  # fmt: skip
     return GrpcModel(
-        args.grpc, args.model_name, version=args.version, timeout=args.timeout
+        args.grpc, args.model_name, version=args.model_version, timeout=args.timeout
     )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    log = setup_logging(args)
     model = None
     local = local_dir(args)
     try:
@@ -169,7 +217,7 @@ def main(argv=None) -> int:
     except (DataError, OSError) as error:
         return report_error(error)  # 1 for a damaged dataset, else 2
     except ServingError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 3
     finally:
         if isinstance(model, GrpcModel):

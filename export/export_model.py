@@ -3,17 +3,18 @@
 Usage:
 
     # The classifier of a fine-tuning run, as the next version of models/ssrl:
-    python export/export_model.py --run runs/finetune-scarf --out models/ssrl
+    python export/export_model.py --run runs/finetune-scarf-unfrozen-p0.1 --out models/ssrl
 
     # The encoder of a pre-training run, as version 3, its dataset moved to data/tcga:
     python export/export_model.py --run runs/scarf-tcga --out models/ssrl-encoder \
-        --version 3 --data data/tcga
+        --model-version 3 --data data/tcga
 
 Writes MODEL_BASE/<version>/ (saved_model.pb, variables/, assets/ with genes.txt,
 class_names.txt, manifest_sha256.txt and model_card.json) through a temporary folder
 that is renamed only after the SavedModel was loaded back and compared with the Keras
-model. The served graph takes raw expression values in the model's gene order and
-applies the dataset's transform and standardisation itself (export/README.md).
+model; the last line printed is the client command for it. The served graph takes
+raw expression values in the model's gene order and applies the dataset's transform
+and standardisation itself (export/README.md).
 
 One export at a time per MODEL_BASE: the export locks it (MODEL_BASE/.keras_ssrl.lock)
 once the run and its model have been checked, and a second export into the same base
@@ -28,17 +29,24 @@ use by another export (nothing written).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    add_console_flags,
+    log_line,
+    print_next,
+    setup_logging,
+)
 from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.files import LockedError  # noqa: E402
 from keras_ssrl.serving import ExportError, export_run  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="See the module docstring (head -26 export/export_model.py) for examples.",
@@ -58,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "written below it",
     )
     p.add_argument(
-        "--version",
+        "--model-version",
         type=int,
         default=None,
         metavar="N",
@@ -71,15 +79,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the converted dataset the run was trained on, if it moved since (default: "
         "the folder recorded in the run's config.json)",
     )
-    return p.parse_args(argv)
+    return add_console_flags(p)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
+    setup_logging(args)
     try:
-        export_run(args.run, args.out, version=args.version, data_dir=args.data)
+        export_run(
+            args.run,
+            args.out,
+            version=args.model_version,
+            data_dir=args.data,
+            log=log_line,
+        )
     except (ExportError, DataError, LockedError, OSError) as error:
         return report_error(error)
+    print_next(
+        "python", "export/client.py", "--input", "samples.csv",
+        "--local", args.out, "--out", "predictions.csv",
+    )  # fmt: skip
     return 0
 
 

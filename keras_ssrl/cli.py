@@ -30,6 +30,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
+import shlex
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -111,7 +115,9 @@ class FlagTable:
     def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup):
         """Adds every flag, each defaulting to None (not given)."""
         for flag in self.flags:
-            text = flag.help + (f" (default: {self._default_text(flag)})")
+            default = self._default_text(flag)
+            # A None default means "decided at run time": the help says how.
+            text = flag.help + (f" (default: {default})" if default != "None" else "")
             if flag.methods:
                 text = f"{'/'.join(flag.methods)}: {text}"
             if flag.type is bool:
@@ -165,3 +171,117 @@ class FlagTable:
             ):
                 return flag.name
         return None
+
+
+# --- Console: the flags every command line shares, and its messages ---------------
+
+LOGGER_NAME = "keras_ssrl"
+# TensorFlow's native start-up lines (oneDNN, CUDA plugin registration, XLA service,
+# absl's pre-initialisation notice) go through its C++ logging, which reads these
+# variables once, when the library loads; they must be set before the first import.
+QUIET_NATIVE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR"}
+
+
+def quiet_native_logs(argv: Sequence[str] | None = None) -> None:
+    """Silences TensorFlow's C++ start-up noise unless `--verbose` is on the line.
+
+    Call it at the top of a script, before anything imports tensorflow: flags are not
+    parsed yet then, so `--verbose` is looked for in `argv` (default `sys.argv`). A
+    variable the user set is left as it is.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" in argv:
+        return
+    for name, value in QUIET_NATIVE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def add_console_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds `--quiet`, `--verbose` and `--version` (the package's version)."""
+    from keras_ssrl import __version__
+
+    group = parser.add_argument_group("console")
+    loudness = group.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "--quiet", action="store_true", help="warnings and errors only"
+    )
+    loudness.add_argument(
+        "--verbose",
+        action="store_true",
+        help="debug messages, and TensorFlow's own start-up logs",
+    )
+    group.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s (keras_ssrl {__version__})",
+        help="print the version and exit",
+    )
+    return parser
+
+
+class _ConsoleHandler(logging.Handler):
+    """Info and debug to stdout, warnings and errors to stderr.
+
+    The streams are looked up at each message, not stored, so that a caller who
+    replaces `sys.stdout` (a test, a notebook) still receives the messages.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _PlainFormatter(logging.Formatter):
+    """The message alone; warnings and errors prefixed `warning:` / `error:`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+def setup_logging(args: argparse.Namespace | None = None) -> logging.Logger:
+    """The command line's logger: INFO, WARNING with `--quiet`, DEBUG with `--verbose`.
+
+    Also quiets TensorFlow's Python-side logger unless `--verbose`.
+    """
+    verbose = bool(getattr(args, "verbose", False))
+    quiet = bool(getattr(args, "quiet", False))
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers[:] = [_ConsoleHandler()]
+    logger.handlers[0].setFormatter(_PlainFormatter())
+    logger.setLevel(level)
+    logger.propagate = False
+    logging.getLogger("tensorflow").setLevel(
+        logging.DEBUG if verbose else logging.ERROR
+    )
+    return logger
+
+
+def log_line(line: str) -> None:
+    """Logs a library progress line; one starting `warning: ` as a warning.
+
+    The library reports through plain `log(line)` callables; this is the one the
+    command lines pass.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    if line.startswith("warning: "):
+        logger.warning(line.removeprefix("warning: "))
+    else:
+        logger.info(line)
+
+
+def next_command(*words: str) -> str:
+    """A shell command line from its words, each quoted when it needs to be."""
+    return " ".join(shlex.quote(str(word)) for word in words)
+
+
+def print_next(*words: str) -> None:
+    """Logs the exact command that comes next, as the last line of a tool."""
+    logging.getLogger(LOGGER_NAME).info("next: %s", next_command(*words))

@@ -20,6 +20,25 @@ import numpy as np
 TCGA_FINETUNE_FRACTION = 1029 / 9349
 # ARCHS4: 50,997 / 1142 / 1142 (1142 / 53,281 = 0.0214); a preset for ARCHS4-like data.
 ARCHS4_FINETUNE_FRACTION = 1142 / 53281
+# One labelled cohort of 100-300 samples, pre-trained on elsewhere (docs/small-cohorts.md).
+# The paper's ratio leaves such a cohort a handful of fine-tuning and test samples (158
+# samples: 13 training, 4 validation, 17 test), where every method scores at chance and
+# a test accuracy moves by 6% per sample. Pre-training on the cohort is not the point,
+# so half goes to fine-tuning and 30% to test: 158 samples give 67 training, 12
+# validation and 47 test samples. The last 20% (27 + 5 samples) stay as the pre-training
+# split because the standardisation statistics are fitted there, on samples that are
+# never scored, and 20-30 samples estimate a gene's mean and spread well enough.
+COHORT_FINETUNE_FRACTION = 0.5
+COHORT_TEST_FRACTION = 0.3
+# The `--split-sizes` presets of tfrecords_tools/convert.py: `SplitConfig` fields by name.
+SPLIT_PRESETS = {
+    "tcga": {"finetune_size": TCGA_FINETUNE_FRACTION},
+    "archs4": {"finetune_size": ARCHS4_FINETUNE_FRACTION},
+    "cohort": {
+        "finetune_size": COHORT_FINETUNE_FRACTION,
+        "test_size": COHORT_TEST_FRACTION,
+    },
+}
 # BYOL's target decay schedules (`keras_ssrl.losses.ema_decay`).
 EMA_SCHEDULES = ("cosine", "constant")
 # The pre-training methods (`keras_ssrl.methods` builds them by these names).

@@ -150,3 +150,19 @@ def locked_folder(path: str, what: str, error: type = RunDirError):
         raise
     finally:
         lock.release()
+
+
+def free_run_dir(base: str) -> str:
+    """`base`, or else the first of `base-2`, `base-3`, ... that is missing or empty.
+
+    The command lines' default run folders (`runs/scarf`) are stable names that a
+    README or a next command can name; a second run with the same defaults goes
+    beside the first instead of being refused.
+    """
+    candidate, number = base, 1
+    while os.path.lexists(candidate) and not (
+        os.path.isdir(candidate) and not os.listdir(candidate)
+    ):
+        number += 1
+        candidate = f"{base}-{number}"
+    return candidate

@@ -44,9 +44,16 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
-from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    Flag,
+    FlagTable,
+    add_console_flags,
+    setup_logging,
+)
 from keras_ssrl.config import (  # noqa: E402
     PRESETS,
     PRETRAIN_SIZE_FRACTION,
@@ -128,7 +135,8 @@ def _add_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="output folder (default results/<command>-<setting>)")
     s.add_argument("--repeats", type=int, help="repeats per (method, p)")
     s.add_argument("--shard", help="i/n: run only shard i of n (then merge)")
-    s.add_argument("--jobs", type=int, default=1, help="parallel local shards")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="parallel local shards (default: %(default)s)")  # fmt: skip
     s.add_argument("--threads", type=int, help="TensorFlow threads per process")
     FINETUNE_FLAGS.add_to(s)
     PRETRAIN_FLAGS.add_to(s)
@@ -143,13 +151,15 @@ def _add_grids(s: argparse.ArgumentParser, name: str) -> None:
     """The grid arguments of one sweep (defaults: the paper's grids)."""
     kind = "label-efficiency" if name == "logreg" else name
     if name != "logreg":
-        s.add_argument("--methods", default=",".join(DEFAULT_METHODS[kind]))
+        s.add_argument("--methods", default=",".join(DEFAULT_METHODS[kind]),
+                       help="comma list of methods (default: %(default)s)")  # fmt: skip
     if name in ("label-efficiency", "logreg"):
         s.add_argument("--fractions", default="full",
                        help="full (0.02..1.00, 5 repeats), quick (7 values, 3 "
                        "repeats) or a comma list")  # fmt: skip
     if name == "label-efficiency":
-        s.add_argument("--modes", default=",".join(DEFAULT_MODES[kind]))
+        s.add_argument("--modes", default=",".join(DEFAULT_MODES[kind]),
+                       help="comma list of fine-tuning modes (default: %(default)s)")  # fmt: skip
         s.add_argument("--pretrained", help="scarf=RUN,vime=RUN,byol=RUN")
         s.add_argument("--pretrain", action="store_true",
                        help="pre-train missing encoders into OUT/pretrain")  # fmt: skip
@@ -157,15 +167,17 @@ def _add_grids(s: argparse.ArgumentParser, name: str) -> None:
         ENCODER_FLAGS.add_to(s)
     if name == "architectures":
         paper = PRESETS["paper"]
-        s.add_argument("--depths", default=",".join(map(str, paper.depths)))
-        s.add_argument("--widths", default=",".join(map(str, paper.widths)))
+        s.add_argument("--depths", default=",".join(map(str, paper.depths)),
+                       help="comma list of encoder depths (default: %(default)s)")  # fmt: skip
+        s.add_argument("--widths", default=",".join(map(str, paper.widths)),
+                       help="comma list of encoder widths (default: %(default)s)")  # fmt: skip
         s.add_argument("--fractions", default="full",
                        help="p in [0.02, 0.3]: full (step 0.01), quick or a list")  # fmt: skip
     if name == "pretrain-size":
         s.add_argument("--sizes", default="full",
                        help="q: full (Figure 5's 24 values), quick or a list")  # fmt: skip
         s.add_argument("--fraction", type=float, default=PRETRAIN_SIZE_FRACTION,
-                       help="p")  # fmt: skip
+                       help="p, the labelled fraction (default: %(default)s)")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -185,10 +197,13 @@ def parser() -> argparse.ArgumentParser:
                    help="a folder to search for finished pre-training runs (e.g. an "
                    "experiment's --out or --pretrain-dir)")  # fmt: skip
     c.add_argument("--data", help="dataset whose pretrain_val split is embedded")
-    c.add_argument("--out", default=os.path.join("results", "collapse"))
+    c.add_argument("--out", default=os.path.join("results", "collapse"),
+                   help="output folder (default: %(default)s)")  # fmt: skip
     m = sub.add_parser("merge", help="join the shard tables of an experiment folder")
-    m.add_argument("--out", required=True)
-    return p
+    m.add_argument("--out", required=True, help="the experiment folder")
+    for command in (*SWEEPS, "collapse", "merge"):
+        add_console_flags(sub.choices[command])
+    return add_console_flags(p)
 
 
 def _grids(args, kind: str) -> dict:
@@ -268,6 +283,7 @@ def _command(args) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    setup_logging(args)
     try:
         return _command(args)
     except USER_ERRORS as error:

@@ -6,12 +6,14 @@ Usage:
     python scripts/finetune.py --encoder runs/scarf --mode unfrozen --fraction 0.1
 
     # The same architecture from random initialisation (the baseline):
-    python scripts/finetune.py --baseline --fraction 0.1 --out runs/baseline-p0.1
+    python scripts/finetune.py --baseline --fraction 0.1
 
     # Frozen encoder (only the head is trained), on another converted dataset:
     python scripts/finetune.py --encoder runs/byol --mode frozen --data data/tcga
 
-Writes into --out (default `runs/finetune-<method>-<mode>-p<p>-<date>-<time>`):
+Writes into --out (default `runs/finetune-<method>-<mode>-p<p>`, e.g.
+`runs/finetune-scarf-unfrozen-p0.1`, numbered `-2`, `-3`, ... when taken; the last line
+printed is the export command for it):
 `classifier.keras` (encoder + linear head producing logits; `export/export_model.py`
 serves it), `config.json`, `history.csv` and `metrics.json` (test accuracy, balanced
 accuracy, macro-F1, confusion matrix). Training is Adam with early stopping on the
@@ -32,16 +34,25 @@ Exit status: 0 done; 1 the loss became NaN or inf, or a shard of the dataset is 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
-from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    Flag,
+    FlagTable,
+    add_console_flags,
+    log_line,
+    print_next,
+    setup_logging,
+)
 from keras_ssrl.config import EncoderConfig, FinetuneConfig  # noqa: E402
 from keras_ssrl.data.errors import DamagedDataError, DataError  # noqa: E402
 from keras_ssrl.finetuning import MODES, FinetuneError, finetune  # noqa: E402
+from keras_ssrl.runs import RunDirError, free_run_dir, load_run_config  # noqa: E402
 
 # The settings flags; their defaults come from the config dataclasses, shown in --help.
 FLAGS = FlagTable(
@@ -105,34 +116,38 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        help="output folder (default: runs/finetune-<method>-<mode>-p<p>-<date>-<time>)",
+        metavar="DIR",
+        help="output folder, new or empty (default: runs/finetune-<method>-<mode>-p<p>, "
+        "or that name -2, -3, ... when taken)",
     )
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     FLAGS.add_to(p.add_argument_group("fine-tuning settings"))
     BASELINE_FLAGS.add_to(p.add_argument_group("baseline architecture"))
-    return p
+    return add_console_flags(p)
+
+
+def default_out(args, config: FinetuneConfig) -> str:
+    """`runs/finetune-<method>-<mode>-p<p>`, numbered when taken.
+
+    <method> is the encoder run's (`scarf`), or `baseline`.
+    """
+    method = "baseline"
+    if args.encoder:
+        try:
+            method = (load_run_config(args.encoder) or {}).get("method") or "encoder"
+        except RunDirError:  # finetune() names the problem
+            method = "encoder"
+    name = f"finetune-{method}-{config.mode}-p{config.fraction:g}"
+    return free_run_dir(os.path.join("runs", name))
 
 
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    log = setup_logging(args)
     config = FLAGS.apply(args, FinetuneConfig())
     if args.baseline and config.mode == "frozen":
         p.error("the baseline is trained end to end; --mode frozen needs --encoder")
-    method = "baseline" if args.baseline else "encoder"
-    out = args.out or os.path.join(
-        "runs",
-        f"finetune-{method}-{config.mode}-p{config.fraction:g}-"
-        f"{datetime.datetime.now():%Y%m%d-%H%M%S}",
-    )
-
-    def log(line: str) -> None:
-        if line.startswith("warning:"):
-            print(line, file=sys.stderr)
-        # --quiet drops the per-epoch lines, keeps the summary.
-        elif not (args.quiet and line.startswith("epoch")):
-            print(line)
-
+    out = args.out or default_out(args, config)
     try:
         finetune(
             args.data,
@@ -140,15 +155,16 @@ def main(argv=None) -> int:
             encoder_run=args.encoder,
             config=config,
             encoder_config=BASELINE_FLAGS.apply(args, EncoderConfig()),
-            log=log,
+            log=log_line,
             command=sys.argv if argv is None else ["scripts/finetune.py", *argv],
         )
     except (FloatingPointError, DamagedDataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 1
     except (FinetuneError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
+    print_next("python", "export/export_model.py", "--run", out, "--out", "models/ssrl")
     return 0
 
 

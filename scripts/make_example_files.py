@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import pandas as pd
 
+from keras_ssrl.cli import add_console_flags, setup_logging
 from keras_ssrl.data import layouts
 from keras_ssrl.data.builtin import BUILTIN
 from keras_ssrl.data.synthetic import SyntheticExpression, make_synthetic
@@ -104,37 +105,71 @@ WRITERS = {
 FORMATS = tuple(WRITERS)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", choices=BUILTIN, default="synthetic-tcga")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--source",
+        choices=BUILTIN,
+        default="synthetic-tcga",
+        help="which built-in data to write (default: %(default)s)",
+    )
+    p.add_argument(
         "--formats",
         default=",".join(FORMATS),
-        help=f"comma-separated subset of {','.join(FORMATS)}",
+        help="comma-separated subset of the layouts (default: %(default)s)",
     )
-    parser.add_argument("--n-samples", type=int, default=600)
-    parser.add_argument("--n-genes", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    p.add_argument(
+        "--n-samples",
+        type=int,
+        default=600,
+        help="samples to draw, at least 5 per class (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-genes",
+        type=int,
+        default=None,
+        help="genes; when not given, the built-in data's own gene list, so that a "
+        "model trained on the built-in data accepts the files",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the samples; the genes do not depend on it (default: %(default)s)",
+    )
+    p.add_argument("--out", required=True, help="folder to write the files into")
+    return add_console_flags(p)
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    log = setup_logging(args)
     formats = [f for f in args.formats.split(",") if f]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        parser.error(f"unknown format(s) {unknown}; choose from {FORMATS}")
-    data = make_synthetic(
-        args.source, n_samples=args.n_samples, n_genes=args.n_genes, seed=args.seed
-    )
+        p.error(f"unknown format(s) {unknown}; choose from {FORMATS}")
+    try:
+        data = make_synthetic(
+            args.source, n_samples=args.n_samples, n_genes=args.n_genes, seed=args.seed
+        )
+    except ValueError as error:  # sizes out of range: a usage error, not a crash
+        p.error(
+            str(error)
+            .replace("n_samples", "--n-samples")
+            .replace("n_genes", "--n-genes")
+        )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.source.replace("-", "_"))
     commands = [
         WRITERS[name](data, stem, args.seed) for name in FORMATS if name in formats
     ]
-    print(
+    log.info(
         f"wrote {len(commands)} file(s) of {args.source} "
         f"({data.counts.shape[0]} samples x {data.counts.shape[1]} genes). Convert with:"
     )
     for command in commands:
-        print(f"  {command}")
+        log.info(f"  {command}")
     return 0
 
 

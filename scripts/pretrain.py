@@ -18,8 +18,9 @@ Usage:
     # The pre-training-size experiment: 10% of the pre-training split, seed 3:
     python scripts/pretrain.py --method scarf --pretrain-fraction 0.1 --seed 3
 
-Writes into --out (default `runs/<method>-<date>-<time>`): `encoder.keras` (the kept
-encoder), `config.json` (resolved settings), `history.csv`, `summary.json`, TensorBoard
+Writes into --out (default `runs/<method>`, or `runs/<method>-2`, `-3`, ... when
+taken; the last line printed is the fine-tuning command for it): `encoder.keras` (the
+kept encoder), `config.json` (resolved settings), `history.csv`, `summary.json`, TensorBoard
 logs (`tensorboard --logdir RUN_DIR`) and `checkpoints/`. Defaults of every setting
 come from `keras_ssrl.config.PretrainConfig`; explicit flags override `--config`, which
 overrides those defaults (and, with --resume, the run's saved settings).
@@ -37,15 +38,23 @@ checkpoint (rerun with --resume to continue).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
-from keras_ssrl.cli import Flag, FlagTable
-from keras_ssrl.config import (
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    Flag,
+    FlagTable,
+    add_console_flags,
+    log_line,
+    print_next,
+    setup_logging,
+)
+from keras_ssrl.config import (  # noqa: E402
     EMA_SCHEDULES,
     KEEP,
     PRECISIONS,
@@ -53,10 +62,15 @@ from keras_ssrl.config import (
     PretrainConfig,
     config_from_dict,
 )
-from keras_ssrl.data.errors import DamagedDataError, DataError
-from keras_ssrl.methods import METHODS
-from keras_ssrl.runs import CONFIG_JSON, RunDirError, load_run_config
-from keras_ssrl.training import (
+from keras_ssrl.data.errors import DamagedDataError, DataError  # noqa: E402
+from keras_ssrl.methods import METHODS  # noqa: E402
+from keras_ssrl.runs import (  # noqa: E402
+    CONFIG_JSON,
+    RunDirError,
+    free_run_dir,
+    load_run_config,
+)
+from keras_ssrl.training import (  # noqa: E402
     DEFAULT_CHECKPOINT_EVERY,
     DISTRIBUTE,
     NonFiniteLossError,
@@ -133,6 +147,8 @@ FLAGS = FlagTable(
         ),
     ],
 )
+# --progress choices as Keras `fit` verbosities ("auto": decided by the training loop).
+PROGRESS = {"auto": "auto", "bar": 1, "epoch": 2, "none": 0}
 # Flags of run options (not config fields) that a `ConfigError.field` may name.
 OPTION_FLAGS = {"checkpoint_every": "--checkpoint-every"}
 
@@ -147,14 +163,19 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="See the module docstring (head -40 scripts/pretrain.py) for examples.",
     )
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument(
+        "--method", required=True, choices=METHODS, help="pre-training method"
+    )
     p.add_argument(
         "--data",
         metavar="DIR",
         help="converted dataset folder (default: built-in synthetic-tcga)",
     )
     p.add_argument(
-        "--out", metavar="RUN_DIR", help="run folder (default: runs/<method>-<time>)"
+        "--out",
+        metavar="RUN_DIR",
+        help="run folder, new or empty (default: runs/<method>, or runs/<method>-2, "
+        "-3, ... when that one is taken)",
     )
     p.add_argument(
         "--config",
@@ -167,7 +188,12 @@ def parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its last complete checkpoint",
     )
     FLAGS.add_to(p)
-    p.add_argument("--distribute", choices=DISTRIBUTE, default="none")
+    p.add_argument(
+        "--distribute",
+        choices=DISTRIBUTE,
+        default="none",
+        help="mirrored: data parallel over the GPUs (default: %(default)s)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -177,13 +203,13 @@ def parser() -> argparse.ArgumentParser:
         "only; default: %(default)s)",
     )
     p.add_argument(
-        "--verbose",
-        type=int,
-        choices=(0, 1, 2),
-        default=None,
-        help="Keras progress: 1 a bar, 2 a line per epoch, 0 none (default: auto)",
+        "--progress",
+        choices=tuple(PROGRESS),
+        default="auto",
+        help="Keras progress: a bar, a line per epoch, or none; auto is a bar on a "
+        "terminal, else a line per epoch, none with --quiet (default: %(default)s)",
     )
-    return p
+    return add_console_flags(p)
 
 
 def resolve_config(args, p: argparse.ArgumentParser) -> PretrainConfig:
@@ -215,11 +241,13 @@ def resolve_config(args, p: argparse.ArgumentParser) -> PretrainConfig:
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    log = setup_logging(args)
     if args.resume and not args.out:
         p.error("--resume needs --out RUN_DIR (the run to continue)")
-    out = args.out or os.path.join(
-        "runs", f"{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    )
+    out = args.out or free_run_dir(os.path.join("runs", args.method))
+    progress = PROGRESS[args.progress]
+    if args.quiet and args.progress == "auto":
+        progress = 0
     try:
         config = resolve_config(args, p)
         run_pretraining(
@@ -229,22 +257,26 @@ def main(argv=None) -> int:
             resume=args.resume,
             distribute=args.distribute,
             checkpoint_every=args.checkpoint_every,
-            verbose="auto" if args.verbose is None else args.verbose,
+            verbose=progress,
+            log=log_line,
             command=sys.argv if argv is None else ["scripts/pretrain.py", *argv],
         )
     except ConfigError as error:
         flag = flag_of(error.field)
-        print(f"error: {error}" + (f" ({flag})" if flag else ""), file=sys.stderr)
+        log.error(f"{error}" + (f" ({flag})" if flag else ""))
         return 2
     except (NonFiniteLossError, DamagedDataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 1
     except (DataError, RunDirError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
     except TrainingInterrupted as error:
-        print(f"interrupted: {error}", file=sys.stderr)
+        log.error(f"interrupted: {error}")
         return EXIT_SIGTERM
+    data = ["--data", args.data] if args.data else []
+    finetune = ["--encoder", out, *data, "--mode", "unfrozen", "--fraction", "0.1"]
+    print_next("python", "scripts/finetune.py", *finetune)
     return 0
 
 

@@ -28,9 +28,16 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
-from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    Flag,
+    FlagTable,
+    add_console_flags,
+    setup_logging,
+)
 from keras_ssrl.config import PRESETS, FinetuneConfig, PretrainConfig  # noqa: E402
 from keras_ssrl.data.errors import report_error  # noqa: E402
 from keras_ssrl.evaluation.reproduction import Reproduction, reproduce  # noqa: E402
@@ -49,13 +56,21 @@ PRETRAIN_FLAGS = FlagTable(PretrainConfig, [
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--setting", default="tcga", choices=("tcga", "archs4", "archs4_to_tcga")
+        "--setting",
+        default="tcga",
+        choices=("tcga", "archs4", "archs4_to_tcga"),
+        help="built-in data setting, ignored with --data (default: %(default)s)",
     )
     p.add_argument(
         "--data", help="a converted, labelled dataset instead of built-in data"
     )
     p.add_argument("--pretrain-data", help="pre-training dataset (default: --data)")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument(
+        "--preset",
+        default="quick",
+        choices=sorted(PRESETS),
+        help="grids and repeats (default: %(default)s)",
+    )
     p.add_argument("--out", help="output folder (default results/reproduce-<setting>)")
     p.add_argument(
         "--jobs",
@@ -67,11 +82,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="override the preset's repeats")
     FINETUNE_FLAGS.add_to(p)
     PRETRAIN_FLAGS.add_to(p)
-    return p
+    return add_console_flags(p)
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    setup_logging(args)
     name = "custom" if args.data else args.setting
     request = Reproduction(
         out=os.path.abspath(args.out or os.path.join("results", f"reproduce-{name}")),

@@ -252,7 +252,7 @@ def test_rest_client_against_the_standin(
     out = tmp_path / "rest.csv"
     code = client_cli.main([
         "--input", path, "--label-column", "cancer_type", "--rest", url,
-        "--model-name", "ssrl", "--version", "1", "--model-dir", clf_path,
+        "--model-name", "ssrl", "--model-version", "1", "--model-dir", clf_path,
         "--rest-format", form, "--batch-size", "4", "--embedding", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
@@ -261,6 +261,7 @@ def test_rest_client_against_the_standin(
     frame = pd.read_csv(out)
     assert list(frame["sample_id"]) == samples and list(frame["label"]) == labels
     manifest = Manifest.load(data_dir)
+    assert list(frame["label_id"]) == [manifest.labels.index(v) for v in labels]
     model_genes = set(manifest.genes)
     column = {g.split(".")[0]: i for i, g in enumerate(genes)}
     raw = counts[:, [column[g] for g in manifest.genes]]
@@ -327,10 +328,13 @@ def test_client_sends_tfrecords_through_the_example_signature(exports, tmp_path)
         "--records", data_dir, "--split", "test", "--local", clf_path, "--out", str(out),
     ]) == 0  # fmt: skip
     frame = pd.read_csv(out)
-    x, _, ids = next(iter(load_dataset(data_dir, "test", 1000, with_sample_ids=True)))
+    x, y, ids = next(iter(load_dataset(data_dir, "test", 1000, with_sample_ids=True)))
     assert list(frame["sample_id"]) == [s.decode() for s in ids.numpy()]
     want = tf.nn.softmax(call(saved_keras_model(run_dir), x)).numpy()
     labels = Manifest.load(data_dir).labels
+    # The records' true labels sit beside the predictions, by name and class id.
+    assert list(frame["label"]) == [labels[i] for i in y.numpy()]
+    assert list(frame["label_id"]) == y.numpy().tolist()
     assert_close(
         frame[[f"p_{c}" for c in labels]].to_numpy(), want, {"atol": 1e-6, "rtol": 1e-4}
     )
@@ -384,7 +388,7 @@ def test_grpc_client_against_a_standin_servicer(exports, tmp_path, samples_csv):
         grpc_csv, local_csv = tmp_path / "grpc.csv", tmp_path / "local.csv"
         common = ["--input", path, "--label-column", "cancer_type", "--batch-size", "6"]
         assert client_cli.main(common + [
-            "--grpc", f"127.0.0.1:{port}", "--model-name", "ssrl", "--version", "1",
+            "--grpc", f"127.0.0.1:{port}", "--model-name", "ssrl", "--model-version", "1",
             "--model-dir", clf_path, "--out", str(grpc_csv),
         ]) == 0  # fmt: skip
         assert (

@@ -281,6 +281,31 @@ def test_duplicate_genes_error_or_merge_with_report(tmp_path, matrix):
     )
 
 
+def test_console_says_why_genes_were_dropped(tmp_path, matrix):
+    """Every gene change is on the console with its reason, not only in the manifest."""
+    counts, samples, genes, labels = matrix
+    genes = list(genes)
+    genes[7] = genes[6].split(".")[0] + "_PAR_Y"
+    genes[9] = genes[8].split(".")[0] + ".2_PAR_Y"
+    lines = []
+    convert(
+        array_source(counts, samples, genes, labels),
+        str(tmp_path / "d"),
+        align_to=[strip_version(g) for g in genes[:20]],
+        align_name="data/tcga",
+        log=lines.append,
+    )
+    text = "\n".join(lines)
+    assert "version suffixes stripped from 23 ids" in text
+    assert "2 _PAR_Y rows dropped" in text and "--keep-par-y" in text
+    assert "18 of 20 target genes matched" in text  # the _PAR_Y rows are not kept
+    assert "4 genes not in the target dropped" in text
+    assert "1 dropped for zero variance on the pre-training split" in text
+    assert f"constant on the pre-training split (nothing to learn): {genes[5][:15]}" in (
+        text
+    )
+
+
 def test_missing_labels_policies(tmp_path, matrix):
     counts, samples, genes, labels = matrix
     labels = list(labels)

@@ -209,11 +209,15 @@ def test_label_efficiency_writes_results_table_and_figure(label_efficiency):
     gains = rows(os.path.join(out, "aupc.csv"))
     by = {(g["method"], g["mode"]): g for g in gains}
     assert by[("baseline", "none")]["gain_vs_baseline"] == ""
-    assert float(by[("scarf", "unfrozen")]["aupc"]) == pytest.approx(
-        float(by[("scarf", "unfrozen")]["gain_vs_baseline"])
-        + float(by[("baseline", "none")]["aupc"]),
-        abs=1e-5,
+    scarf, base = by[("scarf", "unfrozen")], by[("baseline", "none")]
+    assert float(scarf["aupc"]) == pytest.approx(
+        float(scarf["gain_area_vs_baseline"]) + float(base["aupc"]), abs=1e-5
     )
+    # The gain is on aupc_normalised's scale; the 0.05, 0.3 grid is noted as short.
+    assert float(scarf["aupc_normalised"]) == pytest.approx(
+        float(scarf["gain_vs_baseline"]) + float(base["aupc_normalised"]), abs=1e-5
+    )
+    assert "[0.02, 0.05] missing" in scarf["note"]
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
 
 
@@ -306,6 +310,7 @@ def test_other_sweeps_collapse_and_report(cli, labelled_dir, tiny_scarf_run, lab
                    "pretrain_size.png"):  # fmt: skip
         assert figure in report
     assert "| scarf | unfrozen |" in report
+    assert f"`{labelled_dir}`: pretrain " in report and ", test " in report
 
 
 def test_logreg_subcommand(cli, labelled_dir, tmp_path):
@@ -365,7 +370,10 @@ def test_reproduce_runs_every_experiment_and_writes_the_report(labelled_dir, tmp
         assert os.path.exists(os.path.join(out, experiment, table)), experiment
     report = open(os.path.join(out, "report.md")).read()
     assert "_missing" not in report
-    assert "Here:" in report  # the findings of this run, next to the paper's
+    # The smoke preset has one repeat: no interval, so no findings are claimed.
+    assert "one repeat per fraction gives no interval" in report
+    assert "Here:" not in report and "better than the baseline" not in report
+    assert "Samples per split" in report and "[0.02, 0.05] missing" in report
     # Encoders are shared between experiments: the 2 x 16 ones of label-efficiency
     # serve pretrain-size's q = 1 and the architecture sweep's depth 2.
     runs = os.listdir(os.path.join(out, "pretrain"))

@@ -163,7 +163,7 @@ def test_versions_are_never_overwritten_and_failures_leave_nothing(
 def test_export_cli(exports, tmp_path, capsys):
     _, run_dir, _ = exports["encoder"]
     out = tmp_path / "m"
-    assert export_cli.main(["--run", run_dir, "--out", str(out), "--version", "3"]) == 0
+    assert export_cli.main(["--run", run_dir, "--out", str(out), "--model-version", "3"]) == 0
     assert os.path.isfile(out / "3" / "saved_model.pb")
     assert "wrote" in capsys.readouterr().out
     assert export_cli.main(["--run", str(tmp_path), "--out", str(out)]) == 2

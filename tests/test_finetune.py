@@ -170,6 +170,12 @@ def test_finetune_writes_a_loadable_classifier(data_dir, data, scarf_run, tmp_pa
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["accuracy"] == metrics["accuracy"]
     assert np.array(saved["confusion_matrix"]).sum() == len(data.test.y)
+    # The matrix carries its class names: row k counts the test samples of classes[k].
+    assert saved["classes"] == data.classes
+    assert saved["confusion_matrix_axes"].startswith("rows: true class")
+    assert np.array(saved["confusion_matrix"]).sum(axis=1).tolist() == np.bincount(
+        data.test.y, minlength=len(data.classes)
+    ).tolist()
     with pytest.raises(FinetuneError, match="already holds"):
         finetune(data_dir, out, encoder_run=scarf_run, config=config, log=quiet)
 

@@ -122,7 +122,7 @@ def test_shard_entries_outside_the_folder_are_refused(
     pretrain_cli = load_script("scripts/pretrain.py")
     run_dir = tmp_path / "run"
     code = run(pretrain_cli, "--method", "scarf", "--data", data, "--out", run_dir,
-               "--epochs", 1, "--verbose", 0)  # fmt: skip
+               "--epochs", 1, "--progress", "none")  # fmt: skip
     assert code == 2
     assert repr(entry) in capsys.readouterr().err
 

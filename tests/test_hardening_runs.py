@@ -75,7 +75,7 @@ def assert_clean_error(err: str, *names: str) -> None:
 
 def pretrain_args(data, out, preset, *extra):
     return ["--method", "scarf", "--data", data, "--out", out, "--config", preset,
-            "--verbose", "0", *extra]  # fmt: skip
+            "--progress", "none", *extra]  # fmt: skip
 
 
 # ------------------------------------------------------------------ pre-training
@@ -198,7 +198,7 @@ def test_one_process_per_run_folder(tiny_scarf_run, labelled_dir, tmp_path, caps
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_scarf_run, run_dir)
     args = ["--method", "scarf", "--data", labelled_dir, "--out", run_dir, "--resume",
-            "--verbose", "0"]  # fmt: skip
+            "--progress", "none"]  # fmt: skip
     with FolderLock(str(run_dir), "run folder"):
         before = tree_digest(run_dir)
         code, err = run(pretrain_cli, args, capsys)

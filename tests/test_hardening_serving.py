@@ -262,8 +262,8 @@ def test_refused_exports_leave_no_trace(served, tmp_path, sentinel, capsys):
     )
     refused(capsys, export(run, new, "--data", inconsistent), "is inconsistent")
     # An existing version, a bad version, an impossible MODEL_BASE.
-    refused(capsys, export(run, base, "--version", "1"), "never overwritten")
-    refused(capsys, export(run, new, "--version", "0"), ">= 1")
+    refused(capsys, export(run, base, "--model-version", "1"), "never overwritten")
+    refused(capsys, export(run, new, "--model-version", "0"), ">= 1")
     refused(capsys, export(run, sentinel / "models"), "cannot create or lock")
     assert not new.exists()
     assert {p: tree_digest(p) for p in watched} == before

@@ -255,3 +255,15 @@ def test_scripts_run_from_a_shell(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "OK:" in done.stdout and "pretrain" in done.stdout
+
+
+def test_outputs_of_the_readme_commands_are_git_ignored():
+    """Run folders, datasets, results and exported models never show up as changes."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    paths = ["runs/scarf/x", "data/mine/x", "results/tcga/x", "models/ssrl/1/x"]
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.split() == paths, result.stderr

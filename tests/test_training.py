@@ -173,7 +173,7 @@ def test_resume_refuses_another_run(scarf_run, data, tmp_path):
     # Through the command line: a clear message and exit status 2.
     code = pretrain_cli.main(
         ["--method", "scarf", "--data", data, "--out", str(run_dir), "--resume"]
-        + ["--learning-rate", "0.01", "--verbose", "0"]
+        + ["--learning-rate", "0.01", "--progress", "none"]
     )
     assert code == 2
 
@@ -337,7 +337,7 @@ def cli_command(data, run_dir, preset, *extra):
         os.path.join(ROOT, "scripts", "pretrain.py"),
         "--method", "scarf", "--data", data, "--out", str(run_dir),
         "--config", str(preset), "--epochs", "4", "--checkpoint-every", "2",
-        "--verbose", "0", *extra,
+        "--progress", "none", *extra,
     ]  # fmt: skip
 
 

@@ -18,12 +18,20 @@ never DATASET, the --to target or a folder holding anything else.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
-from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    Flag,
+    FlagTable,
+    add_console_flags,
+    log_line,
+    print_next,
+    setup_logging,
+)
 from keras_ssrl.config import ConversionConfig  # noqa: E402
 from keras_ssrl.data import DataError  # noqa: E402
 from keras_ssrl.data.align import rewrite_onto, target_genes  # noqa: E402
@@ -42,14 +50,23 @@ FLAGS = FlagTable(
 )
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset", help="the converted dataset to re-write")
+    p.add_argument("--to", required=True, help="dataset folder or gene-list file")
+    p.add_argument("--out", required=True, help="output folder")
+    FLAGS.add_to(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset this tool wrote at --out (nothing else)",
+    )
+    return add_console_flags(p)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", help="the converted dataset to re-write")
-    parser.add_argument("--to", required=True, help="dataset folder or gene-list file")
-    parser.add_argument("--out", required=True, help="output folder")
-    FLAGS.add_to(parser)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    setup_logging(args)
     config = FLAGS.apply(args, ConversionConfig())
     try:
         genes, name = target_genes(args.to)
@@ -62,9 +79,11 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             inputs=[args.to],
             command=sys.argv if argv is None else argv,
+            log=log_line,
         )
     except (DataError, OSError) as error:
         return report_error(error)
+    print_next("python", "tfrecords_tools/verify.py", args.out)
     return 0
 
 

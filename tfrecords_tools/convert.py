@@ -33,15 +33,22 @@ is, holds or lies inside an input.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
-from keras_ssrl.cli import Flag, FlagTable  # noqa: E402
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import (  # noqa: E402
+    Flag,
+    FlagTable,
+    add_console_flags,
+    log_line,
+    print_next,
+    setup_logging,
+)
 from keras_ssrl.config import (  # noqa: E402
-    ARCHS4_FINETUNE_FRACTION,
-    TCGA_FINETUNE_FRACTION,
+    SPLIT_PRESETS,
     ConversionConfig,
     SplitConfig,
 )
@@ -64,7 +71,7 @@ from keras_ssrl.data.validation import (  # noqa: E402
     validate_config,
 )
 
-SIZE_PRESETS = {"tcga": TCGA_FINETUNE_FRACTION, "archs4": ARCHS4_FINETUNE_FRACTION}
+SIZE_PRESETS = SPLIT_PRESETS  # tcga, archs4, cohort (one labelled cohort)
 
 
 def size(text: str) -> float:
@@ -175,7 +182,7 @@ OUTPUT_FLAGS = FlagTable(
 FLAG_TABLES = (INPUT_FLAGS, POLICY_FLAGS, OUTPUT_FLAGS)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("input")
     what = src.add_mutually_exclusive_group(required=True)
@@ -197,13 +204,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="genes_as_rows",
         action="store_true",
         default=None,
-        help="the table has one row per gene",
+        help="the table has one row per gene (detected when neither is given)",
     )
     orient.add_argument(
         "--samples-as-rows",
         dest="genes_as_rows",
         action="store_false",
-        help="the table has one row per sample",
+        default=None,
+        help="the table has one row per sample (detected when neither is given)",
     )
     INPUT_FLAGS.add_to(src)
     src.add_argument(
@@ -246,22 +254,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder")
-    out.add_argument("--overwrite", action="store_true")
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset this tool wrote at --out (nothing else)",
+    )
     OUTPUT_FLAGS.add_to(out)
     out.add_argument(
         "--split-sizes",
         choices=tuple(SIZE_PRESETS),
         default="tcga",
-        help="preset fine-tuning/test fractions of the paper's datasets "
-        "(default: %(default)s)",
+        help="preset fine-tuning/test fractions: the paper's tcga or archs4 ratios, "
+        "or cohort for one labelled cohort of 100-300 samples (50%% fine-tuning, 30%% "
+        "test; docs/small-cohorts.md) (default: %(default)s)",
     )
-    return p.parse_args(argv)
+    return add_console_flags(p)
 
 
 def conversion_config(args: argparse.Namespace) -> ConversionConfig:
     """Defaults <- the --split-sizes preset <- the flags given."""
     config = ConversionConfig(
-        split=SplitConfig(finetune_size=SIZE_PRESETS[args.split_sizes])
+        split=SplitConfig(**SIZE_PRESETS[args.split_sizes])
     )
     for table in FLAG_TABLES:
         table.apply(args, config)
@@ -294,7 +307,8 @@ def open_input(args: argparse.Namespace, seed: int):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
+    log = setup_logging(args)
     config = conversion_config(args)
     inputs = [
         args.input,
@@ -311,11 +325,11 @@ def main(argv=None) -> int:
         if args.align_to:
             align, align_name = target_genes(args.align_to)
         source, report = open_input(args, config.split.seed)
-        print(
+        log.info(
             f"read {source.path}: {source.n_samples} samples x {source.n_genes} genes"
         )
         for key, value in report.items():
-            print(f"  {key}: {value}")
+            log.info(f"  {key}: {value}")
         convert(
             source,
             args.out,
@@ -326,9 +340,11 @@ def main(argv=None) -> int:
             command=sys.argv if argv is None else argv,
             overwrite=args.overwrite,
             inputs=inputs,
+            log=log_line,
         )
     except (DataError, OSError) as error:
         return report_error(error)
+    print_next("python", "scripts/pretrain.py", "--method", "scarf", "--data", args.out)
     return 0
 
 

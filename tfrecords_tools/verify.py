@@ -15,36 +15,44 @@ manifest names files outside the folder.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_ssrl.cli import quiet_native_logs
 
+quiet_native_logs()  # before anything below imports tensorflow
+
+from keras_ssrl.cli import add_console_flags, setup_logging  # noqa: E402
 from keras_ssrl.data import DataError  # noqa: E402
 from keras_ssrl.data.errors import report_error  # noqa: E402
 from keras_ssrl.data.integrity import inspect_dataset  # noqa: E402
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", help="dataset folder (local, gs:// or s3://)")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("directory", help="dataset folder (local, gs:// or s3://)")
+    p.add_argument(
         "--no-checksums",
         action="store_true",
         help="skip the sha256 comparison (records are still parsed)",
     )
-    args = parser.parse_args(argv)
+    return add_console_flags(p)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    log = setup_logging(args)
     try:
         report = inspect_dataset(args.directory, checksums=not args.no_checksums)
     except (DataError, OSError) as error:
         return report_error(error)
+    # The report is the result: on stdout, even with --quiet.
     print(report.summary())
     if not report.ok:
-        print(f"\nFAILED: {len(report.problems)} problem(s)", file=sys.stderr)
+        log.error(f"FAILED: {len(report.problems)} problem(s)")
         for problem in report.problems:
-            print(f"  {problem}", file=sys.stderr)
+            log.error(f"  {problem}")
         return 1
-    print(f"\nOK: {report.records_checked} records checked")
+    log.info(f"OK: {report.records_checked} records checked")
     return 0
 
 

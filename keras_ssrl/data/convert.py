@@ -325,18 +325,41 @@ def _genes(run: _Run, align_to: Sequence[str] | None, align_name: str) -> _Genes
         )
         plan = base.select(alignment.source_indices)
         alignment_report = {"target": align_name, **alignment.report()}
-        run.log(
-            f"aligned to {align_name}: {alignment.n_matched} of "
-            f"{alignment.n_target} target genes matched "
-            f"({alignment.n_matched / alignment.n_target:.1%})"
-        )
     run.report["genes"] = base.report
-    if base.report.get("n_duplicate_rows"):
-        run.log(
-            f"merged {base.report['n_duplicate_rows']} duplicate gene row(s) into "
-            f"{base.report['n_duplicate_ids']} gene(s) ({config.duplicate_genes})"
-        )
+    _log_gene_changes(run, base.report, alignment_report)
     return _Genes(base, plan, alignment_report)
+
+
+def _log_gene_changes(run: _Run, report: dict, alignment: dict | None) -> None:
+    """Says on the console what id handling and the alignment did to the genes, and
+    why: the manifest's report holds the same counts, but few users open it."""
+    log = run.log
+    if report.get("n_versions_stripped"):
+        log(
+            f"genes: Ensembl version suffixes stripped from {report['n_versions_stripped']}"
+            " ids (ENSG00000000003.15 -> ENSG00000000003; --keep-gene-versions keeps "
+            "them)"
+        )
+    if report.get("n_par_y_dropped"):
+        log(
+            f"genes: {report['n_par_y_dropped']} _PAR_Y rows dropped (GENCODE's copies "
+            "of pseudo-autosomal genes on chromosome Y, duplicating their X rows; "
+            "--keep-par-y keeps them)"
+        )
+    if report.get("n_duplicate_rows"):
+        log(
+            f"genes: {report['n_duplicate_rows']} duplicate gene row(s) merged into "
+            f"{report['n_duplicate_ids']} gene(s) (--duplicate-genes "
+            f"{report['duplicate_policy']})"
+        )
+    if alignment is not None:
+        log(
+            f"aligned to {alignment['target']}: {alignment['n_matched']} of "
+            f"{alignment['n_target_genes']} target genes matched "
+            f"({alignment['fraction_of_target']:.1%}); "
+            f"{alignment['n_source_genes'] - alignment['n_matched']} genes not in the "
+            "target dropped"
+        )
 
 
 def _statistics_pass(run: _Run, samples: _Samples, genes: _Genes) -> _Statistics:
@@ -393,6 +416,12 @@ def _select_genes(
         f"{len(dropped['missing_values'])} for missing values, "
         f"{len(kept)} kept"
     )
+    for reason, what in (
+        ("zero_variance", "constant on the pre-training split (nothing to learn)"),
+        ("missing_values", "with missing values (--missing-values drop-genes)"),
+    ):
+        if dropped[reason]:
+            run.log(f"  dropped {what}: {preview(dropped[reason])}")
     return _Statistics(moments, kept, dropped)
 
 

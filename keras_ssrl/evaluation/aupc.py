@@ -3,9 +3,10 @@
 docs/protocol.md, "Label efficiency and AUPC" (eq. 3): AUPC(m) is the trapezoidal
 integral of method m's mean accuracy curve over the label fraction p in [0.02, 0.3];
 g(m1, m2) = AUPC(m1) - AUPC(m2), positive when m1 is better on average. The
-interval-normalised value AUPC / (0.3 - 0.02) reads as a mean accuracy. The confidence
-interval resamples repeats, paired: repeat r of (p, m1) and of (p, m2) were trained on
-the same subset, so they are drawn together.
+interval-normalised values AUPC / (0.3 - 0.02) and g / (0.3 - 0.02) read as a mean
+accuracy and a difference of mean accuracies. The confidence interval resamples
+repeats, paired: repeat r of (p, m1) and of (p, m2) were trained on the same subset, so
+they are drawn together.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ def _in_range(fractions, low: float, high: float) -> np.ndarray:
             f"got {sorted(fractions.tolist())}"
         )
     return keep
+
+
+def span_gap(
+    fractions, low: float = AUPC_RANGE[0], high: float = AUPC_RANGE[1]
+) -> str | None:
+    """What part of [low, high] a grid leaves out; None when it spans the interval.
+
+    The curve is not extrapolated, so a grid from 0.05 integrates over 0.25 of span
+    while the normalised AUPC still divides by 0.28: it is then no mean accuracy.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    inside = fractions[(fractions >= low - 1e-9) & (fractions <= high + 1e-9)]
+    if inside.size < 2:
+        return None  # refused elsewhere (fewer than two fractions)
+    first, last = float(inside.min()), float(inside.max())
+    missing = [
+        f"[{a:g}, {b:g}]" for a, b in ((low, first), (last, high)) if b - a > 1e-9
+    ]
+    if not missing:
+        return None
+    return (
+        f"the AUPC grid covers p in [{first:g}, {last:g}], not [{low:g}, {high:g}] "
+        f"({' and '.join(missing)} missing): the areas span {last - first:g}, yet the "
+        f"normalised values divide by {high - low:g}, so they understate mean "
+        "accuracies and are not comparable with a full grid's"
+    )
 
 
 def aupc(fractions, accuracy, low: float = AUPC_RANGE[0], high: float = AUPC_RANGE[1]):

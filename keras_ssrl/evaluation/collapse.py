@@ -65,6 +65,14 @@ def _load_encoders(runs: dict[str, str]) -> dict:
     return encoders
 
 
+def _layers_width(encoder) -> tuple[int, int]:
+    """(dense layers, output width) of an MLP encoder."""
+    import keras
+
+    layers = sum(isinstance(lay, keras.layers.Dense) for lay in encoder.layers)
+    return layers, encoder.output_shape[-1]
+
+
 def _random_encoder(like):
     """A randomly initialised encoder of `like`'s architecture (seed 0)."""
     import keras
@@ -72,11 +80,15 @@ def _random_encoder(like):
     from keras_ssrl.encoders import build_encoder
 
     keras.utils.set_random_seed(0)
-    return build_encoder(
-        like.input_shape[-1],
-        layers=sum(isinstance(lay, keras.layers.Dense) for lay in like.layers),
-        width=like.output_shape[-1],
-    )
+    layers, width = _layers_width(like)
+    return build_encoder(like.input_shape[-1], layers=layers, width=width)
+
+
+def spectrum_title(encoders: dict, setting: str) -> str:
+    """The figure's title: the setting, the architectures and one run per curve."""
+    archs = sorted({"{}x{}".format(*_layers_width(e)) for e in encoders.values()})
+    kind = "encoder" if len(archs) == 1 else "encoders"
+    return f"{setting}, {kind} {', '.join(archs)}, 1 run each"
 
 
 def _data_of(runs: dict[str, str], data_dir: str | None) -> str:
@@ -96,6 +108,7 @@ def run_collapse(
     out_dir: str,
     random_baseline: bool = True,
     log=print,
+    setting: str | None = None,
 ) -> list[str]:
     """Figure 4 (bottom): covariance spectra of encoders on the pre-training validation set.
 
@@ -107,6 +120,8 @@ def run_collapse(
             std per run), `spectrum.csv` (every singular value) and `collapse.png`.
         random_baseline: also embed with a randomly initialised encoder of the first
             run's architecture (the reference without pre-training).
+        setting: what the figure's title calls the data (None: the dataset folder's
+            name).
 
     Everything is checked before `out_dir` is created.
     """
@@ -128,11 +143,14 @@ def run_collapse(
     if random_baseline:
         encoders[RANDOM_INIT] = _random_encoder(next(iter(encoders.values())))
     xs = list(load_dataset(data_dir, schema.PRETRAIN_VAL, 1024, with_labels=False))
+    title = spectrum_title(encoders, setting or os.path.basename(data_dir.rstrip("/")))
     with evaluation_lock(out_dir):
-        return _write_collapse(encoders, xs, out_dir, log)
+        return _write_collapse(encoders, xs, out_dir, log, title)
 
 
-def _write_collapse(encoders: dict, xs: list, out_dir: str, log) -> list[str]:
+def _write_collapse(
+    encoders: dict, xs: list, out_dir: str, log, title: str
+) -> list[str]:
     import pandas as pd
 
     from keras_ssrl.evaluation import plots
@@ -158,7 +176,8 @@ def _write_collapse(encoders: dict, xs: list, out_dir: str, log) -> list[str]:
     values = os.path.join(out_dir, "spectrum.csv")
     write_csv_atomic(pd.DataFrame(long_rows), values)
     figure = os.path.join(out_dir, "collapse.png")
-    plots.spectrum(spectra, figure, title=f"threshold {COLLAPSE_THRESHOLD:g} x max")
+    plots.spectrum(spectra, figure, title=title, reference=RANDOM_INIT,
+                   threshold=COLLAPSE_THRESHOLD)  # fmt: skip
     for path in (table, values, figure):
         log(f"wrote {path}")
     return [table, values, figure]

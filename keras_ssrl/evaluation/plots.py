@@ -1,4 +1,8 @@
-"""The paper's figures from the result tables (matplotlib, no display needed)."""
+"""The paper's figures from the result tables (matplotlib, no display needed).
+
+Each function writes its file and returns the (closed) matplotlib Figure, so that
+callers and tests can read what was drawn.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ COLOURS = {
     "vime": "#2ca02c",
     "byol": "#d62728",
 }
+# References (no pre-training) get their own style, never a method's colour.
+REFERENCE_STYLE = {"color": "#888888", "linestyle": "--"}
 
 
 def _pyplot():
@@ -33,13 +39,14 @@ def _log_fraction_axis(ax) -> None:
     ax.set_xticks([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
 
 
-def _finish(fig, ax, path: str, title: str) -> None:
+def _finish(fig, ax, path: str, title: str):
     """Title, grid and legend, then the file (atomically); the figure is closed."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
     _pyplot().close(fig)
+    return fig
 
 
 def _save(fig, path: str) -> None:
@@ -49,7 +56,7 @@ def _save(fig, path: str) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def label_efficiency(frame, path: str, title: str = "") -> None:
+def label_efficiency(frame, path: str, title: str = ""):
     """Figure 3: mean test accuracy vs label fraction p, a band of +-1 std over
     repeats, one panel per mode; the baseline and logistic regression in every panel."""
     plt = _pyplot()
@@ -70,14 +77,15 @@ def label_efficiency(frame, path: str, title: str = "") -> None:
         _log_fraction_axis(ax)
         ax.set_xlabel("fraction of labelled fine-tuning data (p)")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{title} {mode}".strip())
+        ax.set_title(f"{title}: {mode}" if title else mode)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
+    return fig
 
 
-def architectures(gains, path: str, title: str = "") -> None:
+def architectures(gains, path: str, title: str = ""):
     """Figure 4 (top): AUPC gain over the baseline vs depth, per method and width."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -105,26 +113,47 @@ def architectures(gains, path: str, title: str = "") -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("encoder depth (layers)")
-    ax.set_ylabel("AUPC gain over the baseline")
-    _finish(fig, ax, path, title)
+    ax.set_ylabel("AUPC gain over the baseline (normalised)")
+    return _finish(fig, ax, path, title)
 
 
-def spectrum(spectra: dict, path: str, title: str = "") -> None:
-    """Figure 4 (bottom): sorted singular values of the embedding covariance, log."""
+def spectrum(
+    spectra: dict,
+    path: str,
+    title: str = "",
+    *,
+    reference: str | None = None,
+    threshold: float | None = None,
+):
+    """Figure 4 (bottom): sorted singular values of the embedding covariance, log.
+
+    Each spectrum is divided by its largest value, so that the collapse threshold
+    (relative to the largest, `keras_ssrl.metrics.COLLAPSE_THRESHOLD`) is one line
+    for every run. The run named `reference` (the random-init encoder) is drawn in
+    `REFERENCE_STYLE`.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, values in spectra.items():
-        values = np.maximum(np.asarray(values, dtype=float), 1e-30)
-        method = name.split("-")[0]
-        ax.plot(np.arange(1, len(values) + 1), values, color=COLOURS.get(method),
-                label=name)  # fmt: skip
+        values = np.asarray(values, dtype=float)
+        largest = values.max() if values.size and values.max() > 0 else 1.0
+        values = np.maximum(values / largest, 1e-30)
+        style = (
+            REFERENCE_STYLE
+            if name == reference
+            else {"color": COLOURS.get(name.split("-")[0])}
+        )
+        ax.plot(np.arange(1, len(values) + 1), values, label=name, **style)
+    if threshold is not None:
+        ax.axhline(threshold, color="black", linestyle=":", lw=1,
+                   label=f"collapse threshold ({threshold:g} x largest)")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("singular value rank")
-    ax.set_ylabel("singular value of the embedding covariance")
-    _finish(fig, ax, path, title)
+    ax.set_ylabel("singular value / largest (embedding covariance)")
+    return _finish(fig, ax, path, title)
 
 
-def pretrain_size(table, path: str, title: str = "") -> None:
+def pretrain_size(table, path: str, title: str = ""):
     """Figure 5: test accuracy at p = 0.1 vs the pre-training fraction q, with the
     baseline (no pre-training) as a horizontal band."""
     plt = _pyplot()
@@ -144,4 +173,4 @@ def pretrain_size(table, path: str, title: str = "") -> None:
     _log_fraction_axis(ax)
     ax.set_xlabel("fraction of the pre-training set (q)")
     ax.set_ylabel("test accuracy (unfrozen, p = 0.1)")
-    _finish(fig, ax, path, title)
+    return _finish(fig, ax, path, title)

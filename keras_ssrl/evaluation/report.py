@@ -56,13 +56,29 @@ def _cell(value, digits: int) -> str:
     return str(value)
 
 
-def label_efficiency_findings(path: str) -> str:
-    """What this run shows, in the terms of the paper's claims (from `aupc.csv`)."""
+def _gains(path: str):
+    """The rows of a gain table that have a gain, or None without the table."""
     import pandas as pd
 
     if not os.path.exists(path):
+        return None
+    frame = pd.read_csv(path, dtype={"mode": str, "architecture": str, "note": str})
+    return frame.dropna(subset=["gain_vs_baseline"])
+
+
+def _single_repeat(gains) -> bool:
+    return bool((gains["repeats"] < 2).any())
+
+
+def label_efficiency_findings(path: str) -> str:
+    """What this run shows, in the terms of the paper's claims (from `aupc.csv`).
+
+    Nothing with a single repeat: without an interval no gain is a finding (the
+    table's notes say so).
+    """
+    gains = _gains(path)
+    if gains is None or gains.empty or _single_repeat(gains):
         return ""
-    gains = pd.read_csv(path, dtype={"mode": str}).dropna(subset=["gain_vs_baseline"])
     lines = []
     for mode in ("unfrozen", "frozen"):
         rows = gains[(gains["mode"] == mode)]
@@ -92,27 +108,105 @@ def label_efficiency_findings(path: str) -> str:
     return "Here:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
-def data_warnings(out_dir: str) -> str:
-    """Warnings about the fine-tuning data of the experiments under `out_dir`.
+def _label(row) -> str:
+    arch = getattr(row, "architecture", "")
+    return " ".join(str(v) for v in (row.method, row.mode, arch) if v == v and v)
 
-    A test split too small to measure much is said next to the numbers it makes
-    coarse. Built-in data is large enough and is not checked.
-    """
+
+def gain_notes(path: str, n_test: int | None) -> str:
+    """Warnings under a gain table: a grid short of the AUPC interval, a single
+    repeat (no interval, no claim), gains or intervals below the resolution of a
+    test split of `n_test` samples (one sample is 1 / n_test of accuracy)."""
+    gains = _gains(path)
+    if gains is None or gains.empty:
+        return ""
+    notes = sorted({n for n in gains["note"].dropna() if n})
+    if _single_repeat(gains):
+        notes.append(
+            "one repeat per fraction gives no interval (ci_low and ci_high are -): "
+            "this table supports no claim that a method is better or worse than the "
+            "baseline, and its gains are single measurements"
+        )
+    if n_test:
+        resolution = 2.0 / n_test
+        small = [r for r in gains.itertuples() if abs(r.gain_vs_baseline) < resolution]
+        narrow = [r for r in gains.itertuples()
+                  if (r.ci_high - r.ci_low) / 2 < resolution]  # fmt: skip
+        worth = f"2 / {n_test} = {resolution:.3g}, two test samples"
+        if small:
+            notes.append(
+                f"the gains of {', '.join(_label(r) for r in small)} are below {worth}"
+                ": within what the test split can resolve"
+            )
+        if narrow:
+            notes.append(
+                f"the intervals of {', '.join(_label(r) for r in narrow)} are "
+                f"narrower than {worth}; they resample repeats, not the {n_test} test "
+                "samples every run shares, so they understate the uncertainty"
+            )
+    return "".join(f"> **Warning**: {n}.\n\n" for n in notes)
+
+
+def _experiments(out_dir: str) -> dict:
+    """kind -> (pre-training, fine-tuning) `Manifest`s of each experiment folder
+    under `out_dir` whose data can be read (the sweeps report those that cannot)."""
     from keras_ssrl.data.errors import DataError
     from keras_ssrl.data.manifest import Manifest
     from keras_ssrl.evaluation.experiments import KINDS, ProtocolError
     from keras_ssrl.evaluation.results import EXPERIMENT_JSON, load_experiment
-    from keras_ssrl.finetuning import FinetuneError, check_labelled_splits
+    from keras_ssrl.evaluation.runner import setting_data
 
-    warnings: list[str] = []
+    found = {}
     for name in KINDS:
         folder = os.path.join(out_dir, name)
         if not os.path.exists(os.path.join(folder, EXPERIMENT_JSON)):
             continue
         try:
-            data = load_experiment(folder).finetune_data
-            found = check_labelled_splits(Manifest.load(data)) if data else []
-        except (ProtocolError, DataError, FinetuneError):
+            # Built-in data is converted by the sweeps before any report.
+            folders = setting_data(load_experiment(folder), log=lambda _: None)
+            found[name] = tuple(Manifest.load(f) for f in folders)
+        except (ProtocolError, DataError):
+            continue
+    return found
+
+
+def split_sizes(data: dict) -> str:
+    """n per split of every dataset the experiments use (pre-training splits of
+    the pre-training data, labelled splits of the fine-tuning data)."""
+    from keras_ssrl.data import schema
+
+    seen, lines = set(), []
+    for pretrain, finetune in data.values():
+        for manifest, splits in (
+            (pretrain, (schema.PRETRAIN, schema.PRETRAIN_VAL)),
+            (finetune, (schema.FINETUNE, schema.FINETUNE_VAL, schema.TEST)),
+        ):
+            key = (manifest.directory, splits)
+            if key in seen:
+                continue
+            seen.add(key)
+            sizes = ", ".join(
+                f"{s} {manifest.num_records(s)}"
+                for s in splits
+                if s in manifest.split_names
+            )
+            lines.append(f"- `{manifest.directory}`: {sizes}")
+    return "Samples per split:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def data_warnings(data: dict) -> str:
+    """Warnings about the fine-tuning data of the experiments (`_experiments`).
+
+    A test split too small to measure much is said next to the numbers it makes
+    coarse.
+    """
+    from keras_ssrl.finetuning import FinetuneError, check_labelled_splits
+
+    warnings: list[str] = []
+    for _, finetune in data.values():
+        try:
+            found = check_labelled_splits(finetune)
+        except FinetuneError:
             continue  # the sweeps themselves report these
         warnings += [w for w in found if w not in warnings]
     return "".join(f"> **Warning**: {w}\n\n" for w in warnings)
@@ -124,32 +218,44 @@ def _figure(out_dir: str, relative: str, caption: str) -> str:
     return f"![{caption}]({relative})\n"
 
 
+def _n_test(data: dict, kind: str) -> int | None:
+    from keras_ssrl.data import schema
+
+    manifests = data.get(kind)
+    if manifests is None or schema.TEST not in manifests[1].split_names:
+        return None
+    return manifests[1].num_records(schema.TEST)
+
+
 def write_report(out_dir: str, preset: str, setting: str) -> str:
     """Writes `out_dir/report.md` from the experiment folders under `out_dir`."""
     gain_columns = ["method", "mode", "aupc_normalised", "gain_vs_baseline", "ci_low",
                     "ci_high", "repeats"]  # fmt: skip
+    data = _experiments(out_dir)
+    aupc_csv = os.path.join(out_dir, "label-efficiency", "aupc.csv")
+    arch_csv = os.path.join(out_dir, "architectures", "architectures.csv")
     sections = [
         f"# keras_ssrl reproduction: setting `{setting}`, preset `{preset}`\n",
         f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Each folder "
         "holds `experiment.json` (every setting) and `results.csv` (one row per run). "
-        "AUPC is integrated over p in [0.02, 0.3]; the gain is over the "
-        "non-pre-trained baseline of the same architecture, with a 95% paired "
-        "bootstrap interval over repeats.\n",
-        data_warnings(out_dir),
+        "AUPC is integrated over p in [0.02, 0.3] and divided by 0.28 "
+        "(`aupc_normalised`, a mean accuracy); the gain is the difference of "
+        "`aupc_normalised` from the non-pre-trained baseline of the same architecture "
+        "(`gain_vs_baseline`, in accuracy), with a 95% paired bootstrap interval over "
+        "repeats on the same scale.\n",
+        split_sizes(data),
+        data_warnings(data),
         "## Label efficiency (Figure 3)\n",
         f"Paper: {PAPER_FINDINGS['label-efficiency']}\n",
         _figure(out_dir, "label-efficiency/label_efficiency.png", "label efficiency"),
-        _table(os.path.join(out_dir, "label-efficiency", "aupc.csv"), gain_columns),
-        label_efficiency_findings(
-            os.path.join(out_dir, "label-efficiency", "aupc.csv")
-        ),
+        _table(aupc_csv, gain_columns),
+        gain_notes(aupc_csv, _n_test(data, "label-efficiency")),
+        label_efficiency_findings(aupc_csv),
         "## Architectures (Figure 4, top)\n",
         f"Paper: {PAPER_FINDINGS['architectures']}\n",
         _figure(out_dir, "architectures/architectures.png", "architectures"),
-        _table(
-            os.path.join(out_dir, "architectures", "architectures.csv"),
-            ["architecture", *gain_columns],
-        ),
+        _table(arch_csv, ["architecture", *gain_columns]),
+        gain_notes(arch_csv, _n_test(data, "architectures")),
         "## Dimensional collapse (Figure 4, bottom)\n",
         f"Paper: {PAPER_FINDINGS['collapse']}\n",
         _figure(out_dir, "collapse/collapse.png", "covariance spectrum"),

@@ -146,6 +146,7 @@ def reproduce(request: Reproduction, log=_say) -> int:
             experiment.pretrain_data or experiment.finetune_data,
             os.path.join(request.out, REPRODUCTION_COLLAPSE),
             log=log,
+            setting=request.setting_name,
         )
         path = write_report(request.out, preset=request.preset,
                             setting=request.setting_name)  # fmt: skip

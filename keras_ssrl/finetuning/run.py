@@ -7,7 +7,8 @@ Run folder written by `finetune` (file names from `keras_ssrl.runs`):
   head is the `Dense` layer `head`.
 - `config.json`: kind, method, mode, labels (in logit order), data, encoder run, settings.
 - `history.csv` (epoch, loss, val_loss), `metrics.json` (test accuracy, balanced
-  accuracy, macro-F1, confusion matrix, epochs, best epoch, seconds).
+  accuracy, macro-F1, confusion matrix with its `classes`, rows true and columns
+  predicted, epochs, best epoch, seconds).
 
 `finetune` checks every setting, the encoder run, the dataset (at least 2 classes,
 `check_labelled_splits`) and the output folder before it trains; nothing is written
@@ -63,6 +64,9 @@ from keras_ssrl.runs import (
     locked_folder,
     stale_temporaries_pattern,
 )
+
+# How `metrics.json` says which way its confusion matrix reads.
+CONFUSION_AXES = "rows: true class, columns: predicted class, both in `classes` order"
 
 # The files of a fine-tuning folder (`atomic_path` writes each; its temporaries are ours).
 FINETUNE_FILES = (CLASSIFIER_FILE, CONFIG_JSON, METRICS_JSON, HISTORY_CSV)
@@ -284,6 +288,9 @@ def _write_run(run: _Run, result: RunResult) -> dict:
     _write_history(os.path.join(out_dir, HISTORY_CSV), result.history)
     metrics = {
         **result.metrics,
+        # What the confusion matrix's rows (true) and columns (predicted) are.
+        "classes": run.data.classes,
+        "confusion_matrix_axes": CONFUSION_AXES,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
         "n_train": result.n_train,

@@ -3,12 +3,13 @@
 `run_client(model, info, samples, out)` sends `Samples` (read by
 `keras_ssrl.serving.inputs`) in batches through a transport (`RestModel`, `GrpcModel`
 or `LocalModel` of `keras_ssrl.serving.transports`) and writes one row per sample to a
-CSV: `sample_id` (and `label`), `class_name`, `class_id` and one probability column
-`p_<class>` per class for a classifier, `embedding_<i>` columns for an encoder (or on
-request). `check_output` refuses, before any input is read, an output path that would
-replace anything but an earlier predictions CSV. The gene list and class names come
-from the export's `assets/` (`keras_ssrl.serving.assets.ModelInfo`), since TF Serving
-serves tensors, not files.
+CSV: `sample_id` (and the true `label` and its `label_id` among the model's classes,
+when the table's label column or the records carry one), `class_name`, `class_id` and
+one probability column `p_<class>` per class for a classifier, `embedding_<i>` columns
+for an encoder (or on request). `check_output` refuses, before any input is read, an
+output path that would replace anything but an earlier predictions CSV. The gene list
+and class names come from the export's `assets/` (`keras_ssrl.serving.assets.ModelInfo`),
+since TF Serving serves tensors, not files.
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def predictions_frame(
     columns = {"sample_id": ids}
     if samples.labels is not None:
         columns["label"] = ["" if v is None else v for v in samples.labels]
+        if info.kind == CLASSIFIER and info.class_names:
+            # The true label's class id, comparable with `class_id`; -1 for a label
+            # that is not one of the model's classes (or missing).
+            index = {name: i for i, name in enumerate(info.class_names)}
+            columns["label_id"] = np.array(
+                [index.get(v, -1) for v in samples.labels], dtype=np.int64
+            )
     if info.kind == CLASSIFIER:
         columns["class_name"] = [as_text(s) for s in outputs["class_name"]]
         columns["class_id"] = np.asarray(outputs["class_id"], dtype=np.int64)

@@ -6,7 +6,8 @@ order (`align_to_model`: ids matched without Ensembl version suffix, as the conv
 matches them; a missing model gene is an error naming it, genes the model does not use
 are ignored and counted), or a converted TFRecord folder whose records go to the
 `predict_examples` signature unchanged (`read_record_samples`: its gene list must be
-the model's). Either way the result is `Samples`, ready to send.
+the model's; the records' true labels are read beside them). Either way the result is
+`Samples`, ready to send.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Samples:
     signature: str
     input_name: str
     values: np.ndarray  # float32 (n, genes), or object array of bytes (n,)
-    labels: list | None = None
+    labels: list | None = None  # the true class name per sample (None: unknown)
     ignored_genes: int = 0
 
 
@@ -191,7 +192,26 @@ def read_record_samples(data_dir: str, split: str, info: ModelInfo) -> Samples:
     values = np.empty(len(records), dtype=object)
     values[:] = records
     # Sample ids come back from the model (output sample_id).
-    return Samples([], PREDICT_EXAMPLES, EXAMPLES_INPUT, values)
+    return Samples(
+        [], PREDICT_EXAMPLES, EXAMPLES_INPUT, values, _record_labels(records, manifest)
+    )
+
+
+def _record_labels(records: Sequence[bytes], manifest) -> list | None:
+    """The class name of every record (None when it has none), or None for records
+    without any label, so that predictions can sit beside the truth."""
+    from tensorflow.core.example import example_pb2
+
+    from keras_ssrl.data import schema
+
+    ids = [
+        example_pb2.Example.FromString(r).features.feature[schema.LABEL].int64_list.value
+        for r in records
+    ]
+    ids = [v[0] if len(v) else schema.UNLABELLED for v in ids]
+    if all(i == schema.UNLABELLED for i in ids):
+        return None
+    return [manifest.labels[i] if i != schema.UNLABELLED else None for i in ids]
 
 
 def _check_records_fit(manifest, info: ModelInfo, data_dir: str) -> None:

@@ -8,6 +8,7 @@ SIGTERM; a checkpoint of the current step was written).
 
 from __future__ import annotations
 
+import sys
 import time
 
 from keras_ssrl.data import schema
@@ -34,6 +35,17 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
+
+
+def keras_verbosity(verbose: int | str) -> int:
+    """`fit`'s verbosity; `"auto"` is a bar on a terminal, else one line per epoch.
+
+    Keras resolves `"auto"` to the bar everywhere: in a log file or a pipe that is
+    kilobytes of ANSI escape codes per epoch.
+    """
+    if verbose != "auto":
+        return verbose
+    return 1 if sys.stdout.isatty() else 2
 
 
 def checkpoint_store(run: RunContext) -> CheckpointStore:
@@ -136,7 +148,7 @@ def train(
             steps_per_epoch=spe - skip,
             shuffle=False,  # shuffled per epoch by make_train_data, reproducibly
             callbacks=callbacks,
-            verbose=run.options.verbose,
+            verbose=keras_verbosity(run.options.verbose),
         )
         if guard.stopped_at is not None or saver.preempted:
             break
