@@ -18,8 +18,9 @@ Usage:
 
 Columns are matched to the model's gene list (assets/genes.txt of the export, read from
 --model-dir or --local) by gene id without version suffix: missing genes are an error
-that names them, extra genes are ignored and counted. The CSV holds sample_id (and label
-with --label-column), class_name, class_id and one probability column p_<class> per
+that names them, extra genes are ignored and counted. The CSV holds sample_id (and the
+true label with its label_id among the model's classes, from --label-column or the
+records' labels), class_name, class_id and one probability column p_<class> per
 class for a classifier, embedding_<i> columns for an encoder (or with --embedding).
 
 Sample ids must be unique (duplicates are refused, naming them). --out is written

@@ -163,7 +163,8 @@ OUTPUT_FLAGS = FlagTable(
             "--test-size",
             "split.test_size",
             size,
-            "fraction or count for the test set (None: the fine-tuning size)",
+            "fraction or count for the test set (overrides --split-sizes, whose tcga and "
+            "archs4 presets take the fine-tuning size and cohort 0.3)",
         ),
         Flag(
             "--val-fraction",
