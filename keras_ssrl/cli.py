@@ -29,11 +29,14 @@ config = FLAGS.apply(args, PretrainConfig(), method=args.method)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -194,6 +197,77 @@ def quiet_native_logs(argv: Sequence[str] | None = None) -> None:
         return
     for name, value in QUIET_NATIVE_ENV.items():
         os.environ.setdefault(name, value)
+
+
+# XLA's C++ logging goes through absl, which ignores TF_CPP_MIN_LOG_LEVEL in TensorFlow
+# 2.16: its "I0000 ... service.cc:145] XLA service ..." lines and absl's notice about
+# InitializeLog reach stderr whatever the environment says. They are recognised by
+# absl's line format and dropped from the process's stderr by `native_log_filter`.
+_NATIVE_LINE = re.compile(
+    rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "
+    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called)"
+)
+
+
+def _pump(source: int, target: int) -> None:
+    """Copies `source` to `target` until EOF, dropping absl's native log lines.
+
+    Text is forwarded as soon as it arrives, so that a line without its newline yet
+    (a progress line ending in a carriage return) shows at once; only a fragment that
+    may start a native line (`I`, `W`, `E`) waits for the rest of its line.
+    """
+    pending, inside = b"", False  # inside: in a line already forwarded in part
+    while chunk := os.read(source, 1 << 16):
+        *lines, tail = (pending + chunk).split(b"\n")
+        pending = b""
+        for line in lines:
+            if inside or not _NATIVE_LINE.match(line):
+                os.write(target, line + b"\n")
+            inside = False
+        if tail and (inside or tail[:1] not in (b"I", b"W", b"E")):
+            os.write(target, tail)
+            inside = True
+        elif tail:
+            pending = tail
+    if pending:
+        os.write(target, pending)
+
+
+@contextlib.contextmanager
+def native_log_filter(argv: Sequence[str] | None = None):
+    """Drops absl's native log lines from this process's stderr inside the block.
+
+    Only while TensorFlow's C++ logs are silenced (`quiet_native_logs`, not under
+    `--verbose`) and only around a command line's `main`: everything else written to
+    stderr, by Python or by child processes, goes through unchanged.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" in argv or os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, saved), daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer here: the pump sees EOF
+        pump.join(timeout=5)
+        if not pump.is_alive():  # else a child process still holds the pipe
+            os.close(read_end)
+            os.close(saved)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """A command line's `__main__`: `main()` under the native log filter, then exit."""
+    with native_log_filter():
+        code = main()
+    sys.exit(code)
 
 
 def add_console_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
