@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from keras_ssrl.cli import quiet_native_logs
+from keras_ssrl.cli import quiet_native_logs, run_main
 
 quiet_native_logs()  # before anything below imports tensorflow
 
@@ -227,4 +226,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -29,9 +29,8 @@ use by another export (nothing written).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from keras_ssrl.cli import quiet_native_logs
+from keras_ssrl.cli import quiet_native_logs, run_main
 
 quiet_native_logs()  # before anything below imports tensorflow
 
@@ -103,4 +102,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -42,9 +42,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from keras_ssrl.cli import quiet_native_logs
+from keras_ssrl.cli import quiet_native_logs, run_main
 
 quiet_native_logs()  # before anything below imports tensorflow
 
@@ -52,6 +51,8 @@ from keras_ssrl.cli import (  # noqa: E402
     Flag,
     FlagTable,
     add_console_flags,
+    log_line,
+    print_next,
     setup_logging,
 )
 from keras_ssrl.config import (  # noqa: E402
@@ -264,16 +265,19 @@ def _sweep(args) -> int:
     out = args.out or os.path.join("results", f"{args.command}-{experiment.setting}")
     plan = sweeps.plan_sweep(experiment, out, shard)
     for line in plan.notes:
-        print(line, file=sys.stderr)
-    code = sweeps.run_sweep(plan, jobs=args.jobs, threads=args.threads)
+        log_line("warning: " + line.removeprefix("note: "))
+    code = sweeps.run_sweep(
+        plan, jobs=args.jobs, threads=args.threads, log=log_line
+    )
     if shard is not None:
-        print(f"shard {args.shard} done; `evaluate.py merge --out {out}` when all are")
+        log_line(f"shard {args.shard} done; when every shard is:")
+        print_next("python", "scripts/evaluate.py", "merge", "--out", out)
     return code
 
 
 def _command(args) -> int:
     if args.command == "merge":
-        return sweeps.merge_folder(args.out)
+        return sweeps.merge_folder(args.out, log=log_line)
     if args.command == "collapse":
         runs = collapse.runs_with_found(_pairs(args.runs, "--runs"), args.from_dir)
         collapse.run_collapse(runs, args.data, args.out)
@@ -291,4 +295,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -37,7 +37,7 @@ import argparse
 import os
 import sys
 
-from keras_ssrl.cli import quiet_native_logs
+from keras_ssrl.cli import quiet_native_logs, run_main
 
 quiet_native_logs()  # before anything below imports tensorflow
 
@@ -169,4 +169,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 
-from keras_ssrl.cli import add_console_flags, setup_logging
+from keras_ssrl.cli import add_console_flags, run_main, setup_logging
 from keras_ssrl.data import layouts
 from keras_ssrl.data.builtin import BUILTIN
 from keras_ssrl.data.synthetic import SyntheticExpression, make_synthetic
@@ -174,4 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

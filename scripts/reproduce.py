@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from keras_ssrl.cli import quiet_native_logs
+from keras_ssrl.cli import quiet_native_logs, run_main
 
 quiet_native_logs()  # before anything below imports tensorflow
 
@@ -36,6 +35,7 @@ from keras_ssrl.cli import (  # noqa: E402
     Flag,
     FlagTable,
     add_console_flags,
+    log_line,
     setup_logging,
 )
 from keras_ssrl.config import PRESETS, FinetuneConfig, PretrainConfig  # noqa: E402
@@ -101,10 +101,10 @@ def main(argv=None) -> int:
         pretrain_epochs=PRETRAIN_FLAGS.apply(args, PretrainConfig()).epochs,
     )
     try:
-        return reproduce(request)
+        return reproduce(request, log=log_line)
     except USER_ERRORS as error:
         return report_error(error)  # 1 for damaged data, else 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -25,10 +25,13 @@ CLIS = (
     "export/export_model.py",
     "export/client.py",
 )
-# Words of TensorFlow's native start-up lines that TF_CPP_MIN_LOG_LEVEL silences.
-# Not yet the absl pre-initialisation notice and XLA's service lines: no variable
-# silences them in TensorFlow 2.16 (they need a filter on file descriptor 2).
-NOISE = ("oneDNN", "cuda", "cuFFT", "cuDNN", "cuBLAS", "TensorRT", "cpu_feature")
+# Words of TensorFlow's native start-up lines: those TF_CPP_MIN_LOG_LEVEL silences, and
+# absl's pre-initialisation notice and XLA's service lines, which no variable silences
+# in TensorFlow 2.16 and `keras_ssrl.cli.native_log_filter` drops.
+NOISE = (
+    "oneDNN", "cuda", "cuFFT", "cuDNN", "cuBLAS", "TensorRT", "cpu_feature",
+    "absl::InitializeLog", "XLA service", "StreamExecutor", "Compiled cluster",
+)  # fmt: skip
 
 
 def parsers(parser):
@@ -123,3 +126,25 @@ def test_example_files_fit_the_builtin_model_and_refuse_too_few(tmp_path, capsys
     header = (tmp_path / "ex" / "synthetic_tcga.csv").read_text().split("\n", 1)[0]
     builtin = make_synthetic("synthetic-tcga", n_samples=100)
     assert set(builtin.genes) <= set(header.split(","))
+
+
+def test_native_log_filter_drops_absl_lines_and_passes_the_rest():
+    """The stderr filter: absl-format lines dropped, everything else kept, in order."""
+    from keras_ssrl.cli import _pump
+
+    noise = (
+        b"WARNING: All log messages before absl::InitializeLog() is called are "
+        b"written to STDERR\n"
+        b"I0000 00:00:1796002762.877042    4271 service.cc:145] XLA service 0x7f\n"
+        b"W1130 00:29:51.374688     123 foo.cc:12] a native warning\n"
+    )
+    kept = b"Epoch 1/2\nwarning: Index 3 is small\nIt ends without a newline\r"
+    source, sink = os.pipe(), os.pipe()
+    os.write(source[1], noise[:50])  # lines arrive in pieces
+    os.write(source[1], noise[50:] + kept[:12] + b"\nerror: x\n" + kept[12:])
+    os.close(source[1])
+    _pump(source[0], sink[1])
+    os.close(sink[1])
+    with os.fdopen(sink[0], "rb") as out:
+        assert out.read() == kept[:12] + b"\nerror: x\n" + kept[12:]
+    os.close(source[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from keras_ssrl.config import (
     PRESETS,
@@ -130,7 +129,7 @@ def reproduce(request: Reproduction, log=_say) -> int:
         for plan in plans:
             log(f"== {plan.experiment.kind}")
             for note in plan.notes:
-                print(note, file=sys.stderr)
+                log("warning: " + note.removeprefix("note: "))
             code = run_sweep(plan, jobs=request.jobs, log=log)
             if code:
                 return code
