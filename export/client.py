@@ -40,7 +40,11 @@ from keras_ssrl.cli import quiet_native_logs, run_main
 
 quiet_native_logs()  # before anything below imports tensorflow
 
-from keras_ssrl.cli import add_console_flags, setup_logging  # noqa: E402
+from keras_ssrl.cli import (  # noqa: E402
+    add_console_flags,
+    add_orientation_flags,
+    setup_logging,
+)
 from keras_ssrl.data.errors import DataError, report_error  # noqa: E402
 from keras_ssrl.data.genes import DUPLICATE_POLICIES  # noqa: E402
 from keras_ssrl.data.schema import SPLITS, TEST  # noqa: E402
@@ -85,21 +89,7 @@ def parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--sample-column", help="sample-id column (default: the first)")
     src.add_argument("--label-column", help="a label column, copied to the output")
-    orient = src.add_mutually_exclusive_group()
-    orient.add_argument(
-        "--genes-as-rows",
-        dest="genes_as_rows",
-        action="store_true",
-        default=None,
-        help="the table has one row per gene (detected when neither is given)",
-    )
-    orient.add_argument(
-        "--samples-as-rows",
-        dest="genes_as_rows",
-        action="store_false",
-        default=None,
-        help="the table has one row per sample (detected when neither is given)",
-    )
+    add_orientation_flags(src)
     src.add_argument(
         "--duplicate-genes",
         default="error",

@@ -270,6 +270,29 @@ def run_main(main: Callable[[], int]) -> None:
     sys.exit(code)
 
 
+def add_orientation_flags(group) -> None:
+    """`--genes-as-rows` / `--samples-as-rows` for a table's orientation.
+
+    Neither has a default: the orientation is detected from the table's header and
+    first column unless one is given (`genes_as_rows` stays None).
+    """
+    orient = group.add_mutually_exclusive_group()
+    orient.add_argument(
+        "--genes-as-rows",
+        dest="genes_as_rows",
+        action="store_true",
+        default=None,
+        help="the table has one row per gene (detected when neither is given)",
+    )
+    orient.add_argument(
+        "--samples-as-rows",
+        dest="genes_as_rows",
+        action="store_false",
+        default=None,
+        help="the table has one row per sample (detected when neither is given)",
+    )
+
+
 def add_console_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds `--quiet`, `--verbose` and `--version` (the package's version)."""
     from keras_ssrl import __version__

@@ -43,6 +43,7 @@ from keras_ssrl.cli import (  # noqa: E402
     Flag,
     FlagTable,
     add_console_flags,
+    add_orientation_flags,
     log_line,
     print_next,
     setup_logging,
@@ -199,21 +200,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--label-column", help="label column (in --labels or the table)")
     src.add_argument("--sample-column", help="sample-id column of the table")
     src.add_argument("--labels-sample-column", help="sample-id column of --labels")
-    orient = src.add_mutually_exclusive_group()
-    orient.add_argument(
-        "--genes-as-rows",
-        dest="genes_as_rows",
-        action="store_true",
-        default=None,
-        help="the table has one row per gene (detected when neither is given)",
-    )
-    orient.add_argument(
-        "--samples-as-rows",
-        dest="genes_as_rows",
-        action="store_false",
-        default=None,
-        help="the table has one row per sample (detected when neither is given)",
-    )
+    add_orientation_flags(src)
     INPUT_FLAGS.add_to(src)
     src.add_argument(
         "--gene-id",
