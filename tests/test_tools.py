@@ -261,7 +261,8 @@ def test_outputs_of_the_readme_commands_are_git_ignored():
     """Run folders, datasets, results and exported models never show up as changes."""
     if not os.path.isdir(os.path.join(ROOT, ".git")):
         pytest.skip("not a git checkout")
-    paths = ["runs/scarf/x", "data/mine/x", "results/tcga/x", "models/ssrl/1/x"]
+    paths = ["runs/scarf/x", "data/mine/x", "results/tcga/x", "models/ssrl/1/x",
+             "examples/synthetic_tcga.csv", "predictions.csv"]  # fmt: skip
     result = subprocess.run(
         ["git", "check-ignore", "--no-index", *paths],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
