@@ -49,21 +49,9 @@ from keras_ssrl.data.preprocessing import (
 )
 from keras_ssrl.data.shards import ShardWriters
 from keras_ssrl.data.sources.base import ExpressionSource
-from keras_ssrl.data.splits import (
-    MIN_TEST_PER_CLASS,
-    MIN_TEST_SAMPLES,
-    assign_splits,
-    small_split_warnings,
-)
+from keras_ssrl.data.splits import assign_splits, small_split_warnings
 from keras_ssrl.data.validation import check_block, validate_config
 from keras_ssrl.files import write_json_atomic
-
-# MIN_TEST_*: defined with the splits, also importable from here.
-__all__ = [
-    "MIN_TEST_PER_CLASS",
-    "MIN_TEST_SAMPLES",
-    "convert",
-]
 
 # Seconds between progress lines of a pass over the source.
 _PROGRESS_EVERY = 10

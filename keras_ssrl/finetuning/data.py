@@ -16,10 +16,9 @@ import functools
 import numpy as np
 
 from keras_ssrl.data import schema
-from keras_ssrl.data.convert import MIN_TEST_PER_CLASS, MIN_TEST_SAMPLES
 from keras_ssrl.data.errors import DataError, preview
 from keras_ssrl.data.manifest import Manifest
-from keras_ssrl.data.splits import allocate
+from keras_ssrl.data.splits import MIN_TEST_PER_CLASS, MIN_TEST_SAMPLES, allocate
 from keras_ssrl.finetuning.settings import FinetuneError
 from keras_ssrl.training import naming_damaged_shards
 

@@ -43,7 +43,6 @@ Modules:
 - `signals`: what a SIGTERM does at each stage of a run.
 """
 
-from keras_ssrl.runs import check_outside
 from keras_ssrl.training.checkpoints import CheckpointStore, seed_states
 from keras_ssrl.training.context import (
     DEFAULT_BUILTIN,
@@ -79,7 +78,6 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "TrainingPlan",
-    "check_outside",
     "damaged_data_error",
     "make_train_data",
     "naming_damaged_shards",
