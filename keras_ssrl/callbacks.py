@@ -137,15 +137,13 @@ class BestEncoderWeights(keras.callbacks.Callback):
         copy_weights: bool = True,
     ):
         super().__init__()
-        import tensorflow as tf
-
         self.encoder = encoder
         self.monitor = monitor
         self.best = math.inf
         self.best_epoch: int | None = None
         self.variables = (
             [
-                tf.Variable(w, trainable=False, name=f"best_{i}")
+                keras.Variable(w, trainable=False, name=f"best_{i}")
                 for i, w in enumerate(encoder.get_weights())
             ]
             if copy_weights
@@ -194,7 +192,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     Args:
         store: a `CheckpointStore`.
-        checkpoint: the `tf.train.Checkpoint` to write (model, optimizer, ...).
+        checkpoint: the `VariablesCheckpoint` to write (model, optimizer, ...).
         steps_per_epoch: int, steps in a full epoch.
         every_n_steps: int, save period in steps (0: only at epoch ends).
         initial_step: int, steps already taken (when resuming).
@@ -245,6 +243,11 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self.initial_metrics = None
 
     def save(self) -> str:
+        # Under JAX, `fit` keeps the training state outside the variables between
+        # epochs: write it back first.
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
         epoch, batch = divmod(self.step, self.steps_per_epoch)
         state = {
             "epoch": epoch,

@@ -75,6 +75,7 @@ def _replace(x, key, rate: float):
     256 x 57k cells, more than the first layer's matmul; XLA fuses the hash, the mask
     and the gather into one loop. A nested `jit_compile` function is an XLA cluster
     inside the (non-XLA) training step, so the rest of the model is unaffected.
+    Under JAX the whole step is compiled with XLA already, over the global batch.
     """
     global _xla_replace_cells
     if keras.backend.backend() != "tensorflow":

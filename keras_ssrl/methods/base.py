@@ -1,13 +1,14 @@
-"""The one training step shared by every self-supervised method."""
+"""The one training step shared by every self-supervised method, on every backend."""
 
 from __future__ import annotations
 
 import copy
 
 import keras
-import tensorflow as tf
 
-from keras_ssrl.distribute import replica_row_offset
+from keras_ssrl.distribute import global_batch, replicas_in_sync
+
+__all__ = ["PretrainingModel", "features", "global_batch"]
 
 
 def features(data):
@@ -17,16 +18,13 @@ def features(data):
     return data
 
 
-def global_batch(tensor):
-    """All replicas' rows of `tensor` and the offset of this replica's rows in it.
-
-    Under `tf.distribute` strategies with several replicas, contrastive negatives must
-    come from the global batch, or the loss would depend on the number of devices.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tensor, 0
-    return context.all_gather(tensor, axis=0), replica_row_offset(tensor)
+def _values_after(scope, variables, values):
+    """The values `scope` assigned to `variables`, or their values going in."""
+    out = []
+    for variable, value in zip(variables, values):
+        new = scope.get_current_value(variable)
+        out.append(value if new is None else new)
+    return out
 
 
 @keras.saving.register_keras_serializable(package="keras_ssrl")
@@ -36,8 +34,19 @@ class PretrainingModel(keras.Model):
     Subclasses build their heads in `__init__`, name their logged values in
     `loss_names` and implement `compute_losses(x, training) -> dict` (with a `"loss"`
     entry, the value minimised); `after_update()` runs after each optimizer step (BYOL's
-    EMA). The training step is the Keras 3 TensorFlow form: loss scaled by the optimizer
-    (mixed precision), gradients of the trainable variables only, `optimizer.apply`.
+    EMA) and `state_logs()` adds logged state (BYOL's decay), read after the update.
+
+    `train_step` has the Keras 3 form of the running backend, around the same
+    `compute_losses`:
+
+    - TensorFlow: a `GradientTape`, the loss scaled by the optimizer (a
+      `LossScaleOptimizer` under `mixed_float16`), `optimizer.apply`, then
+      `after_update()`;
+    - JAX: a pure function of the state. `compute_losses` runs in a
+      `keras.StatelessScope` over the state's values, `jax.value_and_grad` of the
+      scaled loss, `optimizer.stateless_apply` (which unscales, and skips non-finite
+      float16 steps), then `after_update()` in another stateless scope, so that BYOL's
+      EMA (target weights and BatchNorm statistics) is part of the compiled step.
 
     Args:
         encoder: a `keras.Model` from `keras_ssrl.encoders.build_encoder` (or any model
@@ -74,18 +83,37 @@ class PretrainingModel(keras.Model):
     def after_update(self) -> None:
         """Runs after each optimizer step."""
 
+    def state_logs(self) -> dict:
+        """Logged values that are model state rather than losses (read after updates)."""
+        return {}
+
     def _report(self, losses: dict) -> dict:
+        values = {**losses, **self.state_logs()}
         for name, tracker in self.trackers.items():
-            tracker.update_state(losses[name])
+            tracker.update_state(values[name])
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        """One optimizer step: `(data)` under TensorFlow, `(state, data)` under JAX."""
+        if keras.backend.backend() == "jax":
+            return self._jax_train_step(*args)
+        return self._tensorflow_train_step(*args)
+
+    def test_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return self._jax_test_step(*args)
+        (data,) = args
+        return self._report(self.compute_losses(features(data), training=False))
+
+    def _tensorflow_train_step(self, data):
+        import tensorflow as tf
+
         x = features(data)
         with tf.GradientTape() as tape:
             losses = self.compute_losses(x, training=True)
             loss = losses["loss"]
             # Gradients are summed over replicas: scale so the update matches one device.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            replicas = replicas_in_sync()
             if replicas > 1:
                 loss = loss / replicas
             loss = self.optimizer.scale_loss(loss)
@@ -95,8 +123,63 @@ class PretrainingModel(keras.Model):
         self.after_update()
         return self._report(losses)
 
-    def test_step(self, data):
-        return self._report(self.compute_losses(features(data), training=False))
+    def _jax_train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_values, metric_values = state
+        x = features(data)
+        optimizer_mapping = list(zip(self.optimizer.variables, optimizer_values))
+
+        def scaled_loss(trainable_values):
+            mapping = [
+                *zip(self.trainable_variables, trainable_values),
+                *zip(self.non_trainable_variables, non_trainable),
+                *optimizer_mapping,
+            ]
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                losses = self.compute_losses(x, training=True)
+                loss = self.optimizer.scale_loss(losses["loss"])
+            updated = _values_after(scope, self.non_trainable_variables, non_trainable)
+            return loss, (losses, updated)
+
+        (_, (losses, non_trainable)), gradients = jax.value_and_grad(
+            scaled_loss, has_aux=True
+        )(trainable)
+        trainable, optimizer_values = self.optimizer.stateless_apply(
+            optimizer_values, gradients, trainable
+        )
+        # After the update, in the compiled step: BYOL's EMA of the new online weights.
+        mapping = [
+            *zip(self.trainable_variables, trainable),
+            *zip(self.non_trainable_variables, non_trainable),
+            *zip(self.optimizer.variables, optimizer_values),
+        ]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.after_update()
+        non_trainable = _values_after(scope, self.non_trainable_variables, non_trainable)
+        logs, metric_values = self._jax_report(losses, non_trainable, metric_values)
+        return logs, (trainable, non_trainable, optimizer_values, metric_values)
+
+    def _jax_test_step(self, state, data):
+        trainable, non_trainable, metric_values = state
+        mapping = [
+            *zip(self.trainable_variables, trainable),
+            *zip(self.non_trainable_variables, non_trainable),
+        ]
+        with keras.StatelessScope(state_mapping=mapping):
+            losses = self.compute_losses(features(data), training=False)
+        logs, metric_values = self._jax_report(losses, non_trainable, metric_values)
+        return logs, (trainable, non_trainable, metric_values)
+
+    def _jax_report(self, losses, non_trainable, metric_values):
+        """`_report` as a pure function of the metric (and non-trainable) values."""
+        mapping = [
+            *zip(self.non_trainable_variables, non_trainable),
+            *zip(self.metrics_variables, metric_values),
+        ]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            logs = self._report(losses)
+        return logs, _values_after(scope, self.metrics_variables, metric_values)
 
     def get_config(self):
         return {

@@ -108,7 +108,10 @@ class Byol(PretrainingModel):
             loss = loss + byol_loss(
                 self._online(x_tilde, training), self._target(x, training)
             )
-        return {"loss": loss, "ema_decay": self.decay}
+        return {"loss": loss}
+
+    def state_logs(self) -> dict:
+        return {"ema_decay": self.decay}
 
     def after_update(self) -> None:
         # optimizer.iterations was just incremented: the step taken is iterations - 1.

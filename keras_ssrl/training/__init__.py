@@ -14,7 +14,7 @@ A run folder (`RUN_DIR`, names in `keras_ssrl.runs`) holds:
 - `checkpoints/`: the two newest training checkpoints (see below);
 - `summary.json`: final losses, steps, epochs, time, samples/s, the encoder kept.
 
-Fault tolerance. A checkpoint (`tf.train.Checkpoint`, written atomically by
+Fault tolerance. A checkpoint (`checkpoints.VariablesCheckpoint`, written atomically by
 `checkpoints.CheckpointStore`) holds the model (BYOL's target network included), the
 optimizer (moments, iteration count, and the loss scale under `mixed_float16`), every
 `SeedGenerator` state of the model (corruption, dropout), the best-encoder copy, and
@@ -43,7 +43,7 @@ Modules:
 - `signals`: what a SIGTERM does at each stage of a run.
 """
 
-from keras_ssrl.training.checkpoints import CheckpointStore, seed_states
+from keras_ssrl.training.checkpoints import CheckpointStore, VariablesCheckpoint
 from keras_ssrl.training.context import (
     DEFAULT_BUILTIN,
     DEFAULT_CHECKPOINT_EVERY,
@@ -84,6 +84,6 @@ __all__ = [
     "pretrain_subset",
     "resolve_precision",
     "run_pretraining",
-    "seed_states",
+    "VariablesCheckpoint",
     "steps_per_epoch",
 ]

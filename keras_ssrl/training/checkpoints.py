@@ -1,9 +1,11 @@
 """Training checkpoints: atomic, numbered folders holding the whole training state.
 
-`CheckpointStore` writes and finds them; `seed_states` lists the variables a
-`tf.train.Checkpoint` must track besides the model and the optimizer. The Keras
-callback that decides *when* to save (`keras_ssrl.callbacks.TrainingCheckpoint`) uses
-a store; the store itself is plain file handling, usable without Keras' `fit`.
+`CheckpointStore` writes and finds them; `VariablesCheckpoint` is what they hold: the
+values of named groups of variables (model, optimizer, best weights), in a format that
+is the same on every Keras backend. The Keras callback that decides *when* to save
+(`keras_ssrl.callbacks.TrainingCheckpoint`) uses a store; the store itself is plain file
+handling, usable without Keras' `fit`, with any object that has `write(prefix)` and
+`read(prefix)` (a `tf.train.Checkpoint` works too).
 """
 
 from __future__ import annotations
@@ -13,19 +15,99 @@ import os
 import shutil
 from collections.abc import Callable
 
+import numpy as np
+
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "state.json"
 _TMP_PREFIX = ".tmp-"
 _CKPT_NAME = "ckpt"
 
 
-def seed_states(model) -> list:
-    """The `SeedGenerator` states of `model` (corruption, dropout), for a checkpoint.
+class CheckpointMismatch(AssertionError):
+    """The saved variables are not those of the model being restored."""
 
-    `tf.train.Checkpoint` does not reach them through the layers (verified: they are
-    not saved), so a checkpoint must track them explicitly.
+
+class _Restored:
+    """What `VariablesCheckpoint.read` returns (as `tf.train.Checkpoint.read` does)."""
+
+    def assert_consumed(self) -> None:
+        # `read` already checked that every saved value found its variable.
+        return None
+
+
+class VariablesCheckpoint:
+    """The values of named groups of Keras variables, saved as one `.npz` archive.
+
+    Why not `tf.train.Checkpoint`: it exists only on the TensorFlow backend, and it
+    does not reach the layers' `SeedGenerator` states (verified: they were not saved).
+    `model.variables` holds weights, BatchNorm statistics and seed states alike, on
+    every backend, so a checkpoint of `model.variables + optimizer.variables` restores
+    a run exactly, and a run started under one backend resumes under the other.
+
+    Variables are matched by group and position, and checked by shape and dtype:
+    their paths carry layer-name suffixes that depend on what else the process built.
+
+    Args:
+        **groups: name -> list of variables (`model=model.variables`, ...).
+
+    Example:
+
+    ```python
+    checkpoint = VariablesCheckpoint(model=model.variables,
+                                     optimizer=model.optimizer.variables)
+    CheckpointStore("run/checkpoints").save(checkpoint, step=200, state={})
+    ```
     """
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+    def __init__(self, **groups):
+        self.groups = {name: list(variables) for name, variables in groups.items()}
+
+    def _items(self):
+        for group, variables in self.groups.items():
+            for i, variable in enumerate(variables):
+                yield f"{group}/{i}", variable
+
+    def write(self, prefix: str) -> str:
+        """Writes `prefix.npz`; returns its path."""
+        arrays, index = {}, []
+        for key, variable in self._items():
+            value = np.asarray(variable.numpy())
+            arrays[key] = value
+            index.append([key, variable.path, list(value.shape), str(value.dtype)])
+        path = f"{prefix}.npz"
+        with open(path, "wb") as handle:
+            np.savez(handle, __index__=np.array(json.dumps(index)), **arrays)
+        return path
+
+    def read(self, prefix: str) -> _Restored:
+        """Assigns the values saved in `prefix.npz`.
+
+        Raises:
+            CheckpointMismatch: a variable has no saved value, a saved value has no
+                variable, or shapes or dtypes differ (nothing is assigned then).
+        """
+        with np.load(f"{prefix}.npz", allow_pickle=False) as archive:
+            saved = {key: archive[key] for key in archive.files if key != "__index__"}
+        pairs, problems = [], []
+        for key, variable in self._items():
+            value = saved.pop(key, None)
+            if value is None:
+                problems.append(f"{key} ({variable.path}) was not saved")
+            elif tuple(value.shape) != tuple(variable.shape):
+                problems.append(
+                    f"{key} ({variable.path}) has shape {tuple(variable.shape)}, "
+                    f"saved {tuple(value.shape)}"
+                )
+            else:
+                pairs.append((variable, value))
+        problems += [f"{key} was saved but has no variable" for key in sorted(saved)]
+        if problems:
+            raise CheckpointMismatch(
+                f"{len(problems)} differences, e.g. {'; '.join(problems[:3])}"
+            )
+        for variable, value in pairs:
+            variable.assign(value.astype(variable.dtype, copy=False))
+        return _Restored()
 
 
 def _fsync_tree(folder: str) -> None:
@@ -54,8 +136,8 @@ def _fsync_dir(folder: str) -> None:
 class CheckpointStore:
     """Atomic, numbered training checkpoints in a local folder.
 
-    Each checkpoint is a folder `step-000001200/` holding a `tf.train.Checkpoint`
-    (`ckpt.index`, `ckpt.data-*`) and `state.json` (step, epoch and whatever the
+    Each checkpoint is a folder `step-000001200/` holding the checkpoint object's files
+    (`ckpt.npz` for a `VariablesCheckpoint`) and `state.json` (step, epoch and whatever the
     caller adds). It is written into a hidden temporary folder, flushed to disk and
     renamed into place, so a folder named `step-*` is always complete: a kill during a
     write leaves only a `.tmp-*` folder, which is never loaded and is removed by the
@@ -71,7 +153,8 @@ class CheckpointStore:
 
     ```python
     store = CheckpointStore("run/checkpoints")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    ckpt = VariablesCheckpoint(model=model.variables,
+                               optimizer=model.optimizer.variables)
     store.save(ckpt, step=200, state={"epoch": 1})
     path, state = store.latest()
     store.restore(ckpt, path)

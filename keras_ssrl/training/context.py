@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # Keras and TensorFlow are imported once a run starts
 
     from keras_ssrl.callbacks import BestEncoderWeights
     from keras_ssrl.methods.base import PretrainingModel
+    from keras_ssrl.training.checkpoints import VariablesCheckpoint
 
 DISTRIBUTE = ("none", "mirrored")
 DEFAULT_BUILTIN = "synthetic-tcga"
@@ -104,13 +105,13 @@ class RunModel:
         encoder: the encoder being pre-trained.
         model: the method (`Scarf`, `Vime`, `Byol`) around it, compiled.
         best: the callback keeping the best encoder weights.
-        checkpoint: a `tf.train.Checkpoint` of everything that changes in training.
+        checkpoint: a `VariablesCheckpoint` of everything that changes in training.
     """
 
     encoder: keras.Model
     model: PretrainingModel
     best: BestEncoderWeights
-    checkpoint: tf.train.Checkpoint
+    checkpoint: VariablesCheckpoint
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from keras_ssrl.runs import (
     stale_temporaries_pattern,
 )
 from keras_ssrl.training import loop, outputs
-from keras_ssrl.training.checkpoints import seed_states
+from keras_ssrl.training.checkpoints import VariablesCheckpoint
 from keras_ssrl.training.context import (
     DEFAULT_BUILTIN,
     DEFAULT_CHECKPOINT_EVERY,
@@ -280,7 +280,6 @@ def _run_locked(run: RunContext, new_record: dict | None) -> dict:
 def _build(run: RunContext) -> RunModel:
     """The encoder, the method around it (compiled), best weights and checkpoint."""
     import keras
-    import tensorflow as tf
 
     from keras_ssrl.callbacks import BestEncoderWeights
     from keras_ssrl.encoders import build_encoder
@@ -309,10 +308,12 @@ def _build(run: RunContext) -> RunModel:
     # Through compile, so that Keras wraps it in a LossScaleOptimizer under float16.
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     best = BestEncoderWeights(encoder, copy_weights=config.keep == "best")
-    checkpoint = tf.train.Checkpoint(
-        model=model,
-        optimizer=model.optimizer,
-        seed_states=seed_states(model),
+    # Optimizer slots are created lazily: create them now, so that every checkpoint
+    # (and a restore before the first step) covers them.
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = VariablesCheckpoint(
+        model=model.variables,
+        optimizer=model.optimizer.variables,
         best_encoder=best.variables,
     )
     return RunModel(encoder=encoder, model=model, best=best, checkpoint=checkpoint)
@@ -320,8 +321,6 @@ def _build(run: RunContext) -> RunModel:
 
 def _restore(run: RunContext, built: RunModel) -> ResumePoint:
     """Restores the newest checkpoint of the run folder; step 0 when there is none."""
-    # Optimizer slots are created lazily: create them so that they are restored.
-    built.model.optimizer.build(built.model.trainable_variables)
     try:
         found = loop.checkpoint_store(run).restore_latest(built.checkpoint)
     except AssertionError as error:  # the saved objects differ from those built
