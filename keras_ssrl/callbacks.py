@@ -58,7 +58,15 @@ class CollapseMonitor(keras.callbacks.Callback):
         self.last: dict[str, float] = {}
 
     def on_epoch_end(self, epoch, logs=None):
-        embeddings = self.encoder.predict(self.data, verbose=0)
+        if keras.backend.backend() == "jax":
+            # `predict` under `keras.distribution.DataParallel` fails in Keras 3.15
+            # (it aliases donated, sharded buffers of the wrong size); a direct call
+            # on the few monitor batches works on one device and on many.
+            embeddings = np.concatenate(
+                [np.asarray(self.encoder(x, training=False)) for x in self.data]
+            )
+        else:
+            embeddings = self.encoder.predict(self.data, verbose=0)
         embeddings = np.asarray(embeddings, dtype=np.float64)
         if not np.all(np.isfinite(embeddings)):
             # A diverged encoder: the guard reports the loss; keep the logs numeric.

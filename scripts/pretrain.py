@@ -192,7 +192,9 @@ def parser() -> argparse.ArgumentParser:
         "--distribute",
         choices=DISTRIBUTE,
         default="none",
-        help="mirrored: data parallel over the GPUs (default: %(default)s)",
+        help="data-parallel: the global batch split over every device (GPUs; with "
+        "KERAS_BACKEND=jax, every device of every host); mirrored is TensorFlow's "
+        "older name for it (default: %(default)s)",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -156,7 +156,9 @@ class PretrainingModel(keras.Model):
         ]
         with keras.StatelessScope(state_mapping=mapping) as scope:
             self.after_update()
-        non_trainable = _values_after(scope, self.non_trainable_variables, non_trainable)
+        non_trainable = _values_after(
+            scope, self.non_trainable_variables, non_trainable
+        )
         logs, metric_values = self._jax_report(losses, non_trainable, metric_values)
         return logs, (trainable, non_trainable, optimizer_values, metric_values)
 

@@ -40,15 +40,12 @@ Modules:
 - `loop`: `fit` from the resume point to the end, and the errors that stop it;
 - `checkpoints`: `CheckpointStore`, atomic numbered checkpoints;
 - `outputs`: the kept encoder, the projector files, the history, `summary.json`;
+- `placement`: the devices a run trains on (one, or data parallel; either backend);
 - `signals`: what a SIGTERM does at each stage of a run.
 """
 
 from keras_ssrl.training.checkpoints import CheckpointStore, VariablesCheckpoint
-from keras_ssrl.training.context import (
-    DEFAULT_BUILTIN,
-    DEFAULT_CHECKPOINT_EVERY,
-    DISTRIBUTE,
-)
+from keras_ssrl.training.context import DEFAULT_BUILTIN, DEFAULT_CHECKPOINT_EVERY
 from keras_ssrl.training.driver import resolve_precision, run_pretraining
 from keras_ssrl.training.input import (
     COLLAPSE_ROWS,
@@ -63,6 +60,7 @@ from keras_ssrl.training.input import (
 )
 from keras_ssrl.training.loop import NonFiniteLossError, TrainingInterrupted
 from keras_ssrl.training.outputs import PROJECTOR_ROWS
+from keras_ssrl.training.placement import DISTRIBUTE, Placement, make_placement
 from keras_ssrl.training.rundir import RUN_FILES
 
 __all__ = [
@@ -70,6 +68,8 @@ __all__ = [
     "DEFAULT_BUILTIN",
     "DEFAULT_CHECKPOINT_EVERY",
     "DISTRIBUTE",
+    "Placement",
+    "make_placement",
     "PROJECTOR_ROWS",
     "RUN_FILES",
     "SHUFFLE_BUFFER",

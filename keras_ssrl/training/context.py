@@ -2,8 +2,8 @@
 
 - `RunOptions`: how the caller runs it (resume, distribution, checkpoint period, ...);
 - `RunContext`: everything resolved before training (config, data, plan, precision,
-  strategy, folder), fixed for the run;
-- `RunModel`: what is built under the strategy's scope (encoder, method, best-weights
+  placement, folder), fixed for the run;
+- `RunModel`: what is built under the placement's scope (encoder, method, best-weights
   callback, checkpoint), and `ResumePoint`, where training starts.
 
 The driver builds them once; every step takes them instead of a dozen arguments.
@@ -19,16 +19,15 @@ from typing import TYPE_CHECKING
 from keras_ssrl.config import PretrainConfig
 from keras_ssrl.data.manifest import Manifest
 from keras_ssrl.training.input import TrainingPlan
+from keras_ssrl.training.placement import Placement
 
 if TYPE_CHECKING:  # Keras and TensorFlow are imported once a run starts
     import keras
-    import tensorflow as tf
 
     from keras_ssrl.callbacks import BestEncoderWeights
     from keras_ssrl.methods.base import PretrainingModel
     from keras_ssrl.training.checkpoints import VariablesCheckpoint
 
-DISTRIBUTE = ("none", "mirrored")
 DEFAULT_BUILTIN = "synthetic-tcga"
 # Checkpoint period in steps: about a minute of training at 57k genes on a CPU, and
 # a negligible cost on small data (epoch ends are always checkpointed as well).
@@ -41,7 +40,7 @@ class RunOptions:
 
     Attributes:
         resume: continue the run in the folder from its newest checkpoint.
-        distribute: `none` or `mirrored`.
+        distribute: `none`, `data-parallel` or `mirrored` (see `placement`).
         checkpoint_every: checkpoint period in steps (0: epoch ends only).
         verbose: Keras `fit` verbosity (`"auto"`, 0, 1, 2).
         log: callable receiving progress lines.
@@ -69,7 +68,7 @@ class RunContext:
         manifest: the dataset's `Manifest`.
         subset: the pre-training sample ids used, or None for the whole split.
         precision: the resolved Keras dtype policy.
-        strategy: the `tf.distribute.Strategy` the model lives under.
+        placement: the devices (`Placement`) the model lives and trains on.
         plan: the run's `TrainingPlan`.
     """
 
@@ -81,7 +80,7 @@ class RunContext:
     manifest: Manifest
     subset: list[str] | None
     precision: str
-    strategy: tf.distribute.Strategy
+    placement: Placement
     plan: TrainingPlan
 
     @property
@@ -90,7 +89,7 @@ class RunContext:
 
     @property
     def replicas(self) -> int:
-        return self.strategy.num_replicas_in_sync
+        return self.placement.replicas
 
     def path(self, *names: str) -> str:
         """A path inside the run folder."""
@@ -99,7 +98,7 @@ class RunContext:
 
 @dataclasses.dataclass
 class RunModel:
-    """What the driver builds under the strategy scope.
+    """What the driver builds under the placement's scope.
 
     Attributes:
         encoder: the encoder being pre-trained.

@@ -3,9 +3,9 @@
 The run goes through small steps that share one `RunContext`:
 
 1. check the arguments and the folder (nothing is written yet);
-2. resolve the data, precision, strategy and sizes (`_resolve`), and the record
+2. resolve the data, precision, placement and sizes (`_resolve`), and the record
    `config.json` will hold; a resume must be the same run;
-3. under the folder's lock: build the model under the strategy scope (`_build`),
+3. under the folder's lock: build the model under the placement's scope (`_build`),
    restore the newest checkpoint when resuming (`_restore`), train
    (`keras_ssrl.training.loop.train`) and write the outputs
    (`keras_ssrl.training.outputs.finish`).
@@ -34,7 +34,6 @@ from keras_ssrl.training.checkpoints import VariablesCheckpoint
 from keras_ssrl.training.context import (
     DEFAULT_BUILTIN,
     DEFAULT_CHECKPOINT_EVERY,
-    DISTRIBUTE,
     ResumePoint,
     RunContext,
     RunModel,
@@ -45,6 +44,7 @@ from keras_ssrl.training.input import (
     naming_damaged_shards,
     pretrain_subset,
 )
+from keras_ssrl.training.placement import DISTRIBUTE, make_placement
 from keras_ssrl.training.rundir import (
     RUN_FILES,
     check_same_run,
@@ -57,8 +57,10 @@ from keras_ssrl.training.signals import SigtermHandler, on_sigterm
 def resolve_precision(precision: str) -> str:
     """The Keras dtype policy for `precision`.
 
-    `auto` is `mixed_float16` when every visible GPU has compute capability >= 7.0
-    (tensor cores), else `float32` (CPUs gain nothing from float16).
+    `auto` is `float32` unless every visible GPU has tensor cores (compute capability
+    >= 7.0); then `mixed_float16` under TensorFlow, and under JAX `mixed_bfloat16` on
+    compute capability >= 8.0 (the same tensor-core rate as float16, float32's range,
+    so no loss scaling) or `mixed_float16` on 7.x. CPUs gain nothing from 16 bits.
 
     Args:
         precision: `auto`, `float32`, `mixed_float16` or `mixed_bfloat16`.
@@ -70,31 +72,40 @@ def resolve_precision(precision: str) -> str:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    capabilities = _gpu_compute_capabilities()
+    if not capabilities or min(capabilities) < (7, 0):
         return "float32"
-    for gpu in gpus:
-        details = tf.config.experimental.get_device_details(gpu)
-        if tuple(details.get("compute_capability") or (0, 0)) < (7, 0):
-            return "float32"
+    import keras
+
+    if keras.backend.backend() == "jax" and min(capabilities) >= (8, 0):
+        return "mixed_bfloat16"
     return "mixed_float16"
 
 
-def _mirrored_strategy():
-    """`MirroredStrategy` over the GPUs, or else over every logical CPU device.
+def _gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """`(major, minor)` of every visible GPU of the running backend."""
+    import keras
 
-    Without GPUs, TensorFlow's default is one CPU device; several logical CPU devices
-    exist only when configured on purpose (`tf.config.set_logical_device_configuration`,
-    as tests do to check that the loss does not depend on the number of replicas).
-    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        found = []
+        for device in jax.devices():
+            if device.platform != "gpu":
+                continue
+            text = str(getattr(device, "compute_capability", "0.0"))
+            major, _, minor = text.partition(".")
+            found.append((int(major or 0), int(minor or 0)))
+        return found
     import tensorflow as tf
 
-    if tf.config.list_logical_devices("GPU"):
-        return tf.distribute.MirroredStrategy()
-    cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices=cpus)
+    return [
+        tuple(
+            tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            or (0, 0)
+        )
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
 
 
 def run_pretraining(
@@ -122,8 +133,10 @@ def run_pretraining(
             no checkpoint yet, training starts from the beginning; a folder without a
             run (no `config.json`) is refused. Without `resume`, `run_dir` must be
             missing or empty.
-        distribute: `none` or `mirrored` (`tf.distribute.MirroredStrategy` over the
-            GPUs, or the logical CPU devices; `config.batch_size` is the global batch).
+        distribute: `none` or `data-parallel` (`keras_ssrl.training.placement`:
+            `MirroredStrategy` under TensorFlow, `keras.distribution.DataParallel`
+            under JAX; `mirrored` is TensorFlow's older name). `config.batch_size` is
+            the global batch.
         checkpoint_every: int, checkpoint period in steps (0: epoch ends only).
         verbose: Keras `fit` verbosity (`"auto"`, 0, 1, 2).
         log: callable receiving progress lines.
@@ -198,9 +211,7 @@ def _check_arguments(config: PretrainConfig, run_dir: str, options: RunOptions):
 def _resolve(
     config: PretrainConfig, data_dir: str | None, run_dir: str, options: RunOptions
 ) -> RunContext:
-    """The run's data (the built-in set when None), precision, strategy and sizes."""
-    import tensorflow as tf
-
+    """The run's data (the built-in set when None), precision, placement and sizes."""
     from keras_ssrl.data.builtin import ensure_builtin
 
     builtin = None
@@ -215,13 +226,9 @@ def _resolve(
     precision = resolve_precision(config.precision)
     subset = pretrain_subset(data_dir, config.pretrain_fraction, config.seed)
     n_train = len(subset) if subset is not None else manifest.num_records("pretrain")
-    strategy = (
-        _mirrored_strategy()
-        if options.distribute == "mirrored"
-        else tf.distribute.get_strategy()
-    )
+    placement = make_placement(options.distribute)
     plan = TrainingPlan.create(
-        n_train, int(config.batch_size), config.epochs, strategy.num_replicas_in_sync
+        n_train, int(config.batch_size), config.epochs, placement.replicas
     )
     return RunContext(
         config=config,
@@ -232,7 +239,7 @@ def _resolve(
         manifest=manifest,
         subset=subset,
         precision=precision,
-        strategy=strategy,
+        placement=placement,
         plan=plan,
     )
 
@@ -251,7 +258,7 @@ def _run_locked(run: RunContext, new_record: dict | None) -> dict:
     keras.config.set_dtype_policy(run.precision)
     try:
         keras.utils.set_random_seed(config.seed)
-        with run.strategy.scope():
+        with run.placement.build_scope():
             built = _build(run)
         if new_record is not None:
             write_json_atomic(run.path(CONFIG_JSON), new_record)
@@ -263,10 +270,14 @@ def _run_locked(run: RunContext, new_record: dict | None) -> dict:
         )
         start = ResumePoint()
         if run.options.resume:
-            with run.strategy.scope():
+            with run.placement.build_scope():
                 start = _restore(run, built)
         sigterm = SigtermHandler()
-        with on_sigterm(sigterm), naming_damaged_shards(run.data_dir):
+        with (
+            on_sigterm(sigterm),
+            naming_damaged_shards(run.data_dir),
+            run.placement.training_scope(),
+        ):
             seconds = loop.train(run, built, start, sigterm)
             sigterm.during_training = None
             summary = outputs.finish(run, built, start, seconds)
@@ -291,8 +302,9 @@ def _build(run: RunContext) -> RunModel:
         config.encoder.layers,
         config.encoder.width,
         config.encoder.dropout,
-        # Several replicas: normalise with global-batch statistics, as one device does.
-        synchronized_batchnorm=run.replicas > 1,
+        # Several TensorFlow replicas: normalise with global-batch statistics, as one
+        # device does (JAX data parallelism computes them over the global batch).
+        synchronized_batchnorm=run.placement.strategy is not None and run.replicas > 1,
     )
     try:
         model = build_method(
