@@ -22,6 +22,10 @@ is refused, naming the process that holds it. Temporaries `.tmp-<N>-<pid>` left 
 MODEL_BASE by a killed export are removed by the next one. Existing versions are never
 replaced.
 
+A model trained under any Keras backend exports the same way: the served graph is
+TensorFlow's, so this script runs Keras's TensorFlow backend whatever KERAS_BACKEND
+says (a `.keras` file loads under any backend).
+
 Exit status: 0 done; 2 bad arguments, run folder, dataset or model, or MODEL_BASE in
 use by another export (nothing written).
 """
@@ -29,8 +33,19 @@ use by another export (nothing written).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from keras_ssrl.cli import quiet_native_logs, run_main
+# Keras fixes its backend when first imported: choose TensorFlow's before anything
+# below imports Keras. (A process that already runs another backend, e.g. a test that
+# imports this script under JAX, gets the export from a TensorFlow-backend child
+# process instead: keras_ssrl.serving.tensorflow_process.)
+REQUESTED_BACKEND = os.environ.get("KERAS_BACKEND")
+PINNED_BACKEND = "keras" not in sys.modules
+if PINNED_BACKEND:
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+from keras_ssrl.cli import quiet_native_logs, run_main  # noqa: E402
 
 quiet_native_logs()  # before anything below imports tensorflow
 
@@ -48,7 +63,7 @@ from keras_ssrl.serving import ExportError, export_run  # noqa: E402
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (head -26 export/export_model.py) for examples.",
+        epilog="See the module docstring (head -31 export/export_model.py) for examples.",
     )
     p.add_argument(
         "--run",
@@ -84,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args)
+    if PINNED_BACKEND and REQUESTED_BACKEND not in (None, "tensorflow"):
+        log_line(
+            f"KERAS_BACKEND={REQUESTED_BACKEND}: exporting under the TensorFlow backend "
+            "(the served graph is TensorFlow's; the model file loads the same)"
+        )
     try:
         export_run(
             args.run,

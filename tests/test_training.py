@@ -85,6 +85,7 @@ def event_tags(folder) -> set[str]:
     return tags
 
 
+@pytest.mark.backends
 def test_run_writes_every_output(scarf_run, data):
     run_dir, summary = scarf_run
     for name in ("encoder.keras", "config.json", "history.csv", "summary.json"):
@@ -136,6 +137,7 @@ def test_run_writes_every_output(scarf_run, data):
     assert [step for step, _ in checkpoints] == [14, 12]  # the newest two
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize(
     "method, columns",
     [("vime", {"mask_loss", "feature_loss"}), ("byol", {"ema_decay"})],
@@ -178,6 +180,7 @@ def test_resume_refuses_another_run(scarf_run, data, tmp_path):
     assert code == 2
 
 
+@pytest.mark.backends
 def test_resume_of_a_complete_run_rewrites_the_same_outputs(scarf_run, data):
     run_dir, summary = scarf_run
     before = keras.saving.load_model(run_dir / "encoder.keras").get_weights()
@@ -187,6 +190,7 @@ def test_resume_of_a_complete_run_rewrites_the_same_outputs(scarf_run, data):
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.backends
 def test_non_finite_loss_names_the_step(data, tmp_path):
     config = tiny_config(learning_rate=1e30)  # the first update overflows
     with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 1, batch 2\)"):
@@ -198,6 +202,7 @@ def test_non_finite_loss_names_the_step(data, tmp_path):
     assert steps == [1]
 
 
+@pytest.mark.backends
 def test_checkpoint_restores_everything(tmp_path):
     """The reason for the design: weights, optimizer, loss scale and seeds round-trip."""
     previous = keras.config.dtype_policy()
@@ -291,6 +296,13 @@ def test_small_helpers():
     assert steps_per_epoch(195, 32) == 7
     assert steps_per_epoch(193, 32) == 6  # a final batch of one is dropped
     assert steps_per_epoch(193, 32, min_rows=1) == 7
+    # JAX data parallelism over 2 devices: 3 rows are cut to 2, under 2 per device.
+    assert steps_per_epoch(195, 32, min_rows=4, row_multiple=2) == 6
+    assert steps_per_epoch(197, 32, min_rows=4, row_multiple=2) == 7  # 5 -> 4 rows
+    plan = TrainingPlan.create(197, 32, 1, replicas=2, row_multiple=2)
+    assert plan.samples_per_epoch == 196
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        TrainingPlan.create(197, 33, 1, replicas=2, row_multiple=2)
     plan = TrainingPlan.create(n_train=195, batch_size=32, epochs=3)
     assert (plan.steps_per_epoch, plan.total_steps) == (7, 21)
     assert plan.phases(0) == [(0, 3, 0)]
@@ -406,6 +418,7 @@ def hard_stops(data, tmp_path_factory):
     }
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("name", ["kill", "term"])
 def test_stop_and_resume_matches_an_uninterrupted_run(hard_stops, name):
     h = hard_stops

@@ -15,6 +15,7 @@ SavedModel in-process.
 - `signatures`: the served graph (`build_archive`) and its description;
 - `verify`: the written SavedModel against the Keras model (`tolerance_for`);
 - `export`: `export_run`: versions, the model base's lock, the model card;
+- `tensorflow_process`: `export_run` from a process running another Keras backend;
 - `assets`: the export's `assets/` files, written and read back (`ModelInfo`);
 - `inputs`: samples read and put in the model's gene order (`Samples`);
 - `transports`: `RestModel`, `GrpcModel`, `LocalModel`;

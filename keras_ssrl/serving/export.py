@@ -17,6 +17,11 @@ The version folder is written to a temporary folder in MODEL_BASE, loaded back a
 compared with the Keras model (`keras_ssrl.serving.verify.TOLERANCE`), then renamed:
 TF Serving never sees a half-written or unverified version, and a failed export leaves
 nothing behind.
+
+The export runs under Keras's TensorFlow backend, whatever backend trained the model: a
+`.keras` file loads under any backend, and a process running another one (JAX) exports
+through a TensorFlow-backend child process (`keras_ssrl.serving.tensorflow_process`),
+which writes the same SavedModel.
 """
 
 from __future__ import annotations
@@ -51,7 +56,10 @@ def export_run(
     """Exports a run's model as `model_base/<version>/` for TF Serving.
 
     Everything is checked before anything is written: the arguments, the run, its
-    dataset and its model. Then the model base is locked (`FolderLock`: one export at
+    dataset and its model. The export always runs under Keras's TensorFlow backend:
+    called where Keras runs another backend (JAX), it runs in a child process that
+    runs TensorFlow's (`keras_ssrl.serving.tensorflow_process`), with the same result,
+    errors and progress lines. Then the model base is locked (`FolderLock`: one export at
     a time per base; a lock left by a dead process is taken over), temporaries left
     there by a killed export are removed, and the version is written to a temporary
     folder, verified and renamed into place. Nothing in `model_base` is ever replaced
@@ -74,6 +82,8 @@ def export_run(
             does not reproduce the Keras model. Nothing is left in `model_base` (and
             no `model_base` when the export would have created it).
         LockedError: another live process is exporting into `model_base`.
+        RuntimeError: under another backend than TensorFlow's, the export process
+            failed otherwise (a bug: its traceback is on stderr).
 
     Example:
 
@@ -86,6 +96,21 @@ def export_run(
         version = _check_version(version)
         _refuse_existing(model_base, version)
     run = load_run(run_dir, data_dir)
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        # The served graph is TensorFlow's (see `keras_ssrl.serving.tensorflow_process`);
+        # the `.keras` file loads the same there, whatever backend trained it.
+        from keras_ssrl.serving.tensorflow_process import export_in_tensorflow_process
+
+        log(
+            f"Keras runs the {backend} backend in this process: exporting in a "
+            "TensorFlow-backend process"
+        )
+        return export_in_tensorflow_process(
+            run.directory, model_base, version=version, data_dir=data_dir, log=log
+        )
     model = load_model(run)
     lock = _lock_model_base(model_base)
     try:

@@ -228,7 +228,11 @@ def _resolve(
     n_train = len(subset) if subset is not None else manifest.num_records("pretrain")
     placement = make_placement(options.distribute)
     plan = TrainingPlan.create(
-        n_train, int(config.batch_size), config.epochs, placement.replicas
+        n_train,
+        int(config.batch_size),
+        config.epochs,
+        placement.replicas,
+        row_multiple=placement.row_multiple,
     )
     return RunContext(
         config=config,

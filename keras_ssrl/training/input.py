@@ -91,14 +91,30 @@ def pretrain_subset(data_dir: str, fraction: float, seed: int) -> list[str] | No
     return [ids[i] for i in chosen]
 
 
-def steps_per_epoch(n_samples: int, batch_size: int, min_rows: int = 2) -> int:
-    """`ceil(n / batch_size)`, less a final batch of fewer than `min_rows` samples.
+def final_batch_rows(
+    n_samples: int, batch_size: int, min_rows: int = 2, row_multiple: int = 1
+) -> int:
+    """Rows of the last, partial batch of an epoch as trained on (0: none or dropped).
 
     A final batch of one sample gives BatchNorm a zero variance and a contrastive loss
-    no negatives (and, over several replicas, leaves some empty): it is dropped.
+    no negatives (and, over several replicas, leaves some empty): one of fewer than
+    `min_rows` rows is dropped. Under JAX data parallelism every batch is split evenly
+    over the devices, so the final batch is cut to a multiple of `row_multiple` (the
+    device count) first.
     """
-    full, rest = divmod(int(n_samples), int(batch_size))
-    steps = full + (1 if rest >= min_rows else 0)
+    rest = int(n_samples) % int(batch_size)
+    rest -= rest % int(row_multiple)
+    return rest if rest >= min_rows else 0
+
+
+def steps_per_epoch(
+    n_samples: int, batch_size: int, min_rows: int = 2, row_multiple: int = 1
+) -> int:
+    """`ceil(n / batch_size)`, less a dropped final batch (see `final_batch_rows`)."""
+    full = int(n_samples) // int(batch_size)
+    steps = full + (
+        1 if final_batch_rows(n_samples, batch_size, min_rows, row_multiple) else 0
+    )
     if steps < 1:
         raise DataError(
             f"the pre-training set has {n_samples} sample(s), fewer than {min_rows} "
@@ -117,7 +133,10 @@ class TrainingPlan:
         min_rows: int, the smallest batch kept (2 per replica).
         steps_per_epoch: int, see `steps_per_epoch`.
         epochs: int.
-        samples_per_epoch: int, `n_train` less a dropped final batch.
+        samples_per_epoch: int, `n_train` less the rows of the final batch not
+            trained on (see `final_batch_rows`).
+        row_multiple: int, every batch is a multiple of it (the device count under
+            JAX data parallelism, else 1).
     """
 
     n_train: int
@@ -126,23 +145,42 @@ class TrainingPlan:
     steps_per_epoch: int
     epochs: int
     samples_per_epoch: int
+    row_multiple: int = 1
 
     @classmethod
-    def create(cls, n_train: int, batch_size: int, epochs: int, replicas: int = 1):
+    def create(
+        cls,
+        n_train: int,
+        batch_size: int,
+        epochs: int,
+        replicas: int = 1,
+        row_multiple: int = 1,
+    ):
         min_rows = 2 * replicas
         if batch_size < min_rows:
             raise ConfigError(
                 f"batch_size {batch_size} is too small for {replicas} replica(s); "
-                f"use at least {min_rows}"
+                f"use at least {min_rows}",
+                "batch_size",
             )
-        rest = n_train % batch_size
+        if batch_size % row_multiple:
+            raise ConfigError(
+                f"batch_size {batch_size} does not split evenly over {row_multiple} "
+                f"devices; use a multiple of {row_multiple}",
+                "batch_size",
+            )
+        full = n_train // batch_size
+        final = final_batch_rows(n_train, batch_size, min_rows, row_multiple)
         return cls(
             n_train=n_train,
             batch_size=batch_size,
             min_rows=min_rows,
-            steps_per_epoch=steps_per_epoch(n_train, batch_size, min_rows),
+            steps_per_epoch=steps_per_epoch(
+                n_train, batch_size, min_rows, row_multiple
+            ),
             epochs=epochs,
-            samples_per_epoch=n_train - (rest if 0 < rest < min_rows else 0),
+            samples_per_epoch=full * batch_size + final,
+            row_multiple=row_multiple,
         )
 
     @property
@@ -180,10 +218,20 @@ def _epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch + 1
 
 
-def _min_rows_filter(min_rows: int):
+def _kept_batches(min_rows: int, row_multiple: int = 1):
+    """A `tf.data` transformation applying `final_batch_rows` to every batch."""
     import tensorflow as tf
 
-    return lambda x: tf.shape(x)[0] >= min_rows
+    def trim(x):
+        rows = tf.shape(x)[0]
+        return x[: rows - rows % row_multiple]
+
+    def apply(ds):
+        if row_multiple > 1:
+            ds = ds.map(trim)
+        return ds.filter(lambda x: tf.shape(x)[0] >= min_rows)
+
+    return apply
 
 
 def _subset_rows(data_dir: str, subset: list[str], n_genes: int | None):
@@ -214,13 +262,15 @@ def make_train_data(
     *,
     subset: list[str] | None = None,
     min_rows: int = 2,
+    row_multiple: int = 1,
     n_genes: int | None = None,
 ):
     """A function `(first_epoch, end_epoch) -> tf.data.Dataset` of training batches.
 
     Epoch `e` holds the pre-training split (or `subset`) shuffled with a seed derived
     from `(seed, e)`, in `ceil(n / batch_size)` batches (a final batch smaller than
-    `min_rows` is dropped, see `steps_per_epoch`); epochs follow one another without
+    `min_rows` is dropped and, with `row_multiple`, the final batch is cut to a
+    multiple of it: see `final_batch_rows`); epochs follow one another without
     mixing. The order of any epoch is thus known without replaying earlier ones, which
     is what lets a resumed run see exactly the batches an uninterrupted run would.
     Labels are never read. Sets TensorFlow's global seed (to a constant).
@@ -231,6 +281,7 @@ def make_train_data(
         seed: int.
         subset: optional list of pre-training sample ids to keep.
         min_rows: int, the smallest batch kept.
+        row_multiple: int, every batch is cut to a multiple of it.
         n_genes: int, for the in-memory cache estimate of a subset.
 
     Returns:
@@ -245,7 +296,7 @@ def make_train_data(
     # the global seed is 0 (e.g. after `keras.utils.set_random_seed(0)`). A fixed,
     # non-zero global seed also makes the order independent of the caller's seeding.
     tf.random.set_seed(_DATA_GLOBAL_SEED)
-    keep_batch = _min_rows_filter(min_rows)
+    keep_batches = _kept_batches(min_rows, row_multiple)
     if subset is None:
 
         def one_epoch(epoch):
@@ -257,7 +308,7 @@ def make_train_data(
                 seed=_epoch_seed(tf.constant(seed, tf.int64), epoch),
                 shuffle_buffer=SHUFFLE_BUFFER,
                 with_labels=False,
-            ).filter(keep_batch)
+            ).apply(keep_batches)
 
     else:
         rows = _subset_rows(data_dir, subset, n_genes)
@@ -267,7 +318,7 @@ def make_train_data(
             shuffled = rows.shuffle(
                 buffer, seed=_epoch_seed(tf.constant(seed, tf.int64), epoch)
             )
-            return shuffled.batch(batch_size).filter(keep_batch)
+            return shuffled.batch(batch_size).apply(keep_batches)
 
     def epochs(first: int, end: int):
         ds = tf.data.Dataset.range(first, end).flat_map(one_epoch)
@@ -291,8 +342,12 @@ def validation_data(data_dir: str, plan: TrainingPlan, n_val: int):
 
     val = (
         read()
-        .filter(_min_rows_filter(plan.min_rows))
-        .apply(cardinality(steps_per_epoch(n_val, bs, plan.min_rows)))
+        .apply(_kept_batches(plan.min_rows, plan.row_multiple))
+        .apply(
+            cardinality(
+                steps_per_epoch(n_val, bs, plan.min_rows, plan.row_multiple)
+            )
+        )
     )
     rows = min(n_val, COLLAPSE_ROWS)
     monitor = (

@@ -127,6 +127,7 @@ def train(
         run.config.seed,
         subset=run.subset,
         min_rows=plan.min_rows,
+        row_multiple=plan.row_multiple,
         n_genes=run.manifest.n_genes,
     )
     val_data, monitor_data = validation_data(

@@ -64,6 +64,11 @@ class Placement:
         return contextlib.nullcontext()
 
     @property
+    def row_multiple(self) -> int:
+        """Batches must split evenly over JAX's devices; `tf.distribute` splits any."""
+        return self.replicas if self.distribution is not None else 1
+
+    @property
     def is_primary(self) -> bool:
         """Whether this process writes the run folder (process 0 of a multi-host run)."""
         return self.process_index == 0

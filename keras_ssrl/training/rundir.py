@@ -60,7 +60,6 @@ def existing_run(run_dir: str, resume: bool) -> dict | None:
 def run_record(run: RunContext) -> dict:
     """The content of `config.json`: settings, data, sizes, versions, command."""
     import keras
-    import tensorflow as tf
 
     manifest, plan, options = run.manifest, run.plan, run.options
     return {
@@ -87,11 +86,25 @@ def run_record(run: RunContext) -> dict:
         "versions": {
             "keras_ssrl": __version__,
             "keras": keras.__version__,
-            "tensorflow": tf.__version__,
+            "backend": keras.backend.backend(),
+            **_backend_versions(),
         },
         "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": list(options.command) if options.command is not None else None,
     }
+
+
+def _backend_versions() -> dict:
+    """Versions of the installed array libraries (TensorFlow is the data layer's)."""
+    import importlib.metadata
+
+    versions = {}
+    for package in ("tensorflow", "jax", "jaxlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def _flatten(prefix: str, value, out: dict) -> dict:
