@@ -71,6 +71,7 @@ from keras_ssrl.runs import (  # noqa: E402
     load_run_config,
 )
 from keras_ssrl.training import (  # noqa: E402
+    CACHE_MODES,
     DEFAULT_CHECKPOINT_EVERY,
     DISTRIBUTE,
     NonFiniteLossError,
@@ -197,6 +198,15 @@ def parser() -> argparse.ArgumentParser:
         "older name for it (default: %(default)s)",
     )
     p.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="auto",
+        help="device: keep the standardised split on the accelerator and gather "
+        "batches there (falls back to streaming when it does not fit); auto: so "
+        "under KERAS_BACKEND=jax on a GPU when it fits; none: stream from the host "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=DEFAULT_CHECKPOINT_EVERY,
@@ -258,6 +268,7 @@ def main(argv=None) -> int:
             out,
             resume=args.resume,
             distribute=args.distribute,
+            cache=args.cache,
             checkpoint_every=args.checkpoint_every,
             verbose=progress,
             log=log_line,

@@ -65,6 +65,22 @@ class PretrainingModel(keras.Model):
         self.trackers = {
             name: keras.metrics.Mean(name=name) for name in self.loss_names
         }
+        self.rows = None
+
+    def use_device_rows(self, rows) -> None:
+        """Trains on `rows` (a `DeviceRows`): training batches are then row indices.
+
+        Call it before the first step (the model's state is fixed once built).
+        Validation batches stay rows of values.
+        """
+        self.rows = rows
+
+    def _inputs(self, data):
+        x = features(data)
+        if self.rows is not None and "int" in str(x.dtype):
+            # Indices into the device-resident split (`--cache device`).
+            return self.rows(x)
+        return x
 
     @property
     def metrics(self):
@@ -75,7 +91,8 @@ class PretrainingModel(keras.Model):
         self.built = True
 
     def call(self, x, training=False):
-        return self.encoder(x, training=training)
+        # Keras may trace `call` on a training batch: indices with `--cache device`.
+        return self.encoder(self._inputs(x), training=training)
 
     def compute_losses(self, x, training: bool) -> dict:
         raise NotImplementedError
@@ -108,9 +125,8 @@ class PretrainingModel(keras.Model):
     def _tensorflow_train_step(self, data):
         import tensorflow as tf
 
-        x = features(data)
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(x, training=True)
+            losses = self.compute_losses(self._inputs(data), training=True)
             loss = losses["loss"]
             # Gradients are summed over replicas: scale so the update matches one device.
             replicas = replicas_in_sync()
@@ -127,7 +143,6 @@ class PretrainingModel(keras.Model):
         import jax
 
         trainable, non_trainable, optimizer_values, metric_values = state
-        x = features(data)
         optimizer_mapping = list(zip(self.optimizer.variables, optimizer_values))
 
         def scaled_loss(trainable_values):
@@ -137,7 +152,8 @@ class PretrainingModel(keras.Model):
                 *optimizer_mapping,
             ]
             with keras.StatelessScope(state_mapping=mapping) as scope:
-                losses = self.compute_losses(x, training=True)
+                # Inside the scope: device-resident rows are read from the state.
+                losses = self.compute_losses(self._inputs(data), training=True)
                 loss = self.optimizer.scale_loss(losses["loss"])
             updated = _values_after(scope, self.non_trainable_variables, non_trainable)
             return loss, (losses, updated)

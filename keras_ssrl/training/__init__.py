@@ -40,12 +40,14 @@ Modules:
 - `loop`: `fit` from the resume point to the end, and the errors that stop it;
 - `checkpoints`: `CheckpointStore`, atomic numbered checkpoints;
 - `outputs`: the kept encoder, the projector files, the history, `summary.json`;
+- `device_input`: `--cache device`, the split held on the accelerator;
 - `placement`: the devices a run trains on (one, or data parallel; either backend);
 - `signals`: what a SIGTERM does at each stage of a run.
 """
 
 from keras_ssrl.training.checkpoints import CheckpointStore, VariablesCheckpoint
 from keras_ssrl.training.context import DEFAULT_BUILTIN, DEFAULT_CHECKPOINT_EVERY
+from keras_ssrl.training.device_input import CACHE_MODES, InputChoice, choose_input
 from keras_ssrl.training.driver import resolve_precision, run_pretraining
 from keras_ssrl.training.input import (
     COLLAPSE_ROWS,
@@ -67,7 +69,10 @@ __all__ = [
     "COLLAPSE_ROWS",
     "DEFAULT_BUILTIN",
     "DEFAULT_CHECKPOINT_EVERY",
+    "CACHE_MODES",
     "DISTRIBUTE",
+    "InputChoice",
+    "choose_input",
     "Placement",
     "make_placement",
     "PROJECTOR_ROWS",

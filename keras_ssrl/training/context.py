@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from keras_ssrl.config import PretrainConfig
 from keras_ssrl.data.manifest import Manifest
+from keras_ssrl.training.device_input import InputChoice
 from keras_ssrl.training.input import TrainingPlan
 from keras_ssrl.training.placement import Placement
 
@@ -41,6 +42,8 @@ class RunOptions:
     Attributes:
         resume: continue the run in the folder from its newest checkpoint.
         distribute: `none`, `data-parallel` or `mirrored` (see `placement`).
+        cache: `auto`, `device` or `none`: the split on the accelerator (see
+            `device_input`).
         checkpoint_every: checkpoint period in steps (0: epoch ends only).
         verbose: Keras `fit` verbosity (`"auto"`, 0, 1, 2).
         log: callable receiving progress lines.
@@ -49,6 +52,7 @@ class RunOptions:
 
     resume: bool = False
     distribute: str = "none"
+    cache: str = "auto"
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     verbose: int | str = "auto"
     log: Callable[[str], None] = print
@@ -70,6 +74,7 @@ class RunContext:
         precision: the resolved Keras dtype policy.
         placement: the devices (`Placement`) the model lives and trains on.
         plan: the run's `TrainingPlan`.
+        input: where training batches come from (`device_input.InputChoice`).
     """
 
     config: PretrainConfig
@@ -82,6 +87,7 @@ class RunContext:
     precision: str
     placement: Placement
     plan: TrainingPlan
+    input: InputChoice
 
     @property
     def log(self) -> Callable[[str], None]:

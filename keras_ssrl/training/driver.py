@@ -39,6 +39,7 @@ from keras_ssrl.training.context import (
     RunModel,
     RunOptions,
 )
+from keras_ssrl.training.device_input import CACHE_MODES, choose_input, load_rows
 from keras_ssrl.training.input import (
     TrainingPlan,
     naming_damaged_shards,
@@ -115,6 +116,7 @@ def run_pretraining(
     *,
     resume: bool = False,
     distribute: str = "none",
+    cache: str = "auto",
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     verbose: int | str = "auto",
     log: Callable[[str], None] = print,
@@ -137,6 +139,10 @@ def run_pretraining(
             `MirroredStrategy` under TensorFlow, `keras.distribution.DataParallel`
             under JAX; `mirrored` is TensorFlow's older name). `config.batch_size` is
             the global batch.
+        cache: `auto`, `device` or `none`: keep the standardised split on the
+            accelerator and gather batches there (`keras_ssrl.training.device_input`;
+            `auto` does when the backend is JAX with an accelerator and it fits). A
+            resumed run keeps the input it started with.
         checkpoint_every: int, checkpoint period in steps (0: epoch ends only).
         verbose: Keras `fit` verbosity (`"auto"`, 0, 1, 2).
         log: callable receiving progress lines.
@@ -167,6 +173,7 @@ def run_pretraining(
     options = RunOptions(
         resume=resume,
         distribute=distribute,
+        cache=cache,
         checkpoint_every=checkpoint_every,
         verbose=verbose,
         log=log,
@@ -175,7 +182,7 @@ def run_pretraining(
     run_dir = _check_arguments(config, run_dir, options)
     # Every refusal the folder allows, before the (slow) data checks and any write.
     saved = existing_run(run_dir, resume)
-    run = _resolve(config, data_dir, run_dir, options)
+    run = _resolve(config, data_dir, run_dir, options, saved)
     record = run_record(run)
     if saved is not None:
         check_same_run(saved, record, run_dir)
@@ -191,6 +198,10 @@ def run_pretraining(
 def _check_arguments(config: PretrainConfig, run_dir: str, options: RunOptions):
     """Validates the settings; returns the absolute run folder."""
     validate_config(config)
+    if options.cache not in CACHE_MODES:
+        raise ConfigError(
+            f"cache must be one of {CACHE_MODES}, got {options.cache!r}", "cache"
+        )
     if options.distribute not in DISTRIBUTE:
         raise ConfigError(
             f"distribute must be one of {DISTRIBUTE}, got {options.distribute!r}"
@@ -209,7 +220,11 @@ def _check_arguments(config: PretrainConfig, run_dir: str, options: RunOptions):
 
 
 def _resolve(
-    config: PretrainConfig, data_dir: str | None, run_dir: str, options: RunOptions
+    config: PretrainConfig,
+    data_dir: str | None,
+    run_dir: str,
+    options: RunOptions,
+    saved: dict | None = None,
 ) -> RunContext:
     """The run's data (the built-in set when None), precision, placement and sizes."""
     from keras_ssrl.data.builtin import ensure_builtin
@@ -234,6 +249,23 @@ def _resolve(
         placement.replicas,
         row_multiple=placement.row_multiple,
     )
+    cache = options.cache
+    saved_input = ((saved or {}).get("training") or {}).get("input")
+    if saved_input is not None:
+        # The two inputs order samples differently: a resumed run keeps its own.
+        cache = "device" if saved_input == "device" else "none"
+        if options.cache not in ("auto", cache):
+            options.log(
+                f"--cache {options.cache} ignored: the run being resumed used "
+                f"{'the device copy' if cache == 'device' else 'streaming'}"
+            )
+    choice = choose_input(cache, n_train, manifest.n_genes, precision)
+    if saved_input == "device" and not choice.on_device:
+        raise RunDirError(
+            f"cannot resume {run_dir}: it trained on a device copy of the split, "
+            f"which does not fit here ({choice.message})"
+        )
+    options.log(choice.message)
     return RunContext(
         config=config,
         options=options,
@@ -245,6 +277,7 @@ def _resolve(
         precision=precision,
         placement=placement,
         plan=plan,
+        input=choice,
     )
 
 
@@ -332,6 +365,19 @@ def _build(run: RunContext) -> RunModel:
         optimizer=model.optimizer.variables,
         best_encoder=best.variables,
     )
+    if run.input.on_device:
+        # After the checkpoint is made: the data is never part of it.
+        from keras_ssrl.layers import DeviceRows
+
+        rows = load_rows(
+            run.data_dir,
+            run.plan.n_train,
+            n_genes,
+            run.input.storage_dtype,
+            subset=run.subset,
+        )
+        model.use_device_rows(DeviceRows(rows, run.input.storage_dtype))
+        del rows
     return RunModel(encoder=encoder, model=model, best=best, checkpoint=checkpoint)
 
 

@@ -344,9 +344,7 @@ def validation_data(data_dir: str, plan: TrainingPlan, n_val: int):
         read()
         .apply(_kept_batches(plan.min_rows, plan.row_multiple))
         .apply(
-            cardinality(
-                steps_per_epoch(n_val, bs, plan.min_rows, plan.row_multiple)
-            )
+            cardinality(steps_per_epoch(n_val, bs, plan.min_rows, plan.row_multiple))
         )
     )
     rows = min(n_val, COLLAPSE_ROWS)

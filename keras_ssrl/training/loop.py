@@ -16,6 +16,7 @@ from keras_ssrl.runs import CHECKPOINTS_DIR, HISTORY_CSV, LOGS_DIR
 from keras_ssrl.training import outputs
 from keras_ssrl.training.checkpoints import CheckpointStore
 from keras_ssrl.training.context import ResumePoint, RunContext, RunModel
+from keras_ssrl.training.device_input import index_batches
 from keras_ssrl.training.input import make_train_data, validation_data
 from keras_ssrl.training.signals import SigtermHandler
 
@@ -121,15 +122,18 @@ def train(
     current step and raises `TrainingInterrupted`.
     """
     plan, spe = run.plan, run.plan.steps_per_epoch
-    train_data = make_train_data(
-        run.data_dir,
-        plan.batch_size,
-        run.config.seed,
-        subset=run.subset,
-        min_rows=plan.min_rows,
-        row_multiple=plan.row_multiple,
-        n_genes=run.manifest.n_genes,
-    )
+    if run.input.on_device:
+        train_data = index_batches(plan, run.config.seed)
+    else:
+        train_data = make_train_data(
+            run.data_dir,
+            plan.batch_size,
+            run.config.seed,
+            subset=run.subset,
+            min_rows=plan.min_rows,
+            row_multiple=plan.row_multiple,
+            n_genes=run.manifest.n_genes,
+        )
     val_data, monitor_data = validation_data(
         run.data_dir, plan, run.manifest.num_records(schema.PRETRAIN_VAL)
     )

@@ -82,6 +82,7 @@ def run_record(run: RunContext) -> dict:
             "checkpoint_every": options.checkpoint_every,
             "distribute": options.distribute,
             "replicas": run.replicas,
+            "input": "device" if run.input.on_device else "stream",
         },
         "versions": {
             "keras_ssrl": __version__,
