@@ -76,6 +76,7 @@ from keras_ssrl.training import (  # noqa: E402
     DISTRIBUTE,
     NonFiniteLossError,
     TrainingInterrupted,
+    join_processes,
     run_pretraining,
 )
 
@@ -206,6 +207,27 @@ def parser() -> argparse.ArgumentParser:
         "under KERAS_BACKEND=jax on a GPU when it fits; none: stream from the host "
         "(default: %(default)s)",
     )
+    hosts = p.add_argument_group(
+        "multi-host (KERAS_BACKEND=jax, with --distribute data-parallel)"
+    )
+    hosts.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0; every process of the run passes the same one",
+    )
+    hosts.add_argument("--num-processes", type=int, metavar="N")
+    hosts.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="this process's index, 0 to N-1 (Slurm and other clusters are "
+        "detected when these three are omitted and --multi-host is given)",
+    )
+    hosts.add_argument(
+        "--multi-host",
+        action="store_true",
+        help="join a multi-host run (implied by --coordinator)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -256,6 +278,20 @@ def main(argv=None) -> int:
     log = setup_logging(args)
     if args.resume and not args.out:
         p.error("--resume needs --out RUN_DIR (the run to continue)")
+    if args.multi_host or args.coordinator:
+        if not args.out:
+            p.error("a multi-host run needs --out RUN_DIR (the same on every process)")
+        try:
+            index, count = join_processes(
+                args.coordinator, args.num_processes, args.process_id
+            )
+        except ConfigError as error:
+            p.error(str(error))
+        if index > 0:
+            # Every process holds the same model; process 0 writes RUN_DIR, the
+            # others their own copy beside it (the folders never collide).
+            args.out = f"{args.out.rstrip(os.sep)}.process-{index}"
+        log.info(f"process {index} of {count}; run folder {args.out}")
     out = args.out or free_run_dir(os.path.join("runs", args.method))
     progress = PROGRESS[args.progress]
     if args.quiet and args.progress == "auto":

@@ -213,3 +213,46 @@ def test_mirrored_is_refused_under_jax_with_the_flag_to_use(data, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--distribute data-parallel" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def test_two_processes_on_localhost_train_one_devices_run(data, tmp_path):
+    """Multi-host under JAX: two processes (one CPU device each, gloo collectives)."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("XLA_FLAGS", None)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    address = f"127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "two" / "run"
+    commands = [pretrain_command(data, tmp_path / "one" / "run")] + [
+        pretrain_command(
+            data, run_dir, "--distribute", "data-parallel", "--coordinator", address,
+            "--num-processes", "2", "--process-id", str(i),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    processes = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for command in commands
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["training"]["replicas"] == 2
+    assert record["training"]["processes"] == 2
+    reference = keras.saving.load_model(tmp_path / "one" / "run" / "encoder.keras")
+    for folder in (run_dir, tmp_path / "two" / "run.process-1"):
+        weights = keras.saving.load_model(folder / "encoder.keras").get_weights()
+        for a, b in zip(reference.get_weights(), weights):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -443,10 +443,11 @@ class TrainState(NamedTuple):
 class _JaxLoop:
     """The epochs of a run under JAX: pure functions of (state, data), jitted.
 
-    `train_step`, `train_epoch` and `validation_loss` take a `TrainState` and return
-    the next one; they read the Keras model only for its structure (through
-    `stateless_call` and `stateless_apply`), so they compose with `jax.vmap`. The Keras
-    variables are read when a run starts and assigned when it ends.
+    `train_step` and `train_epoch` map a `TrainState` and data to the next state;
+    `validation_loss` reads one. They use the Keras model and optimizer for their
+    structure only (`stateless_call`, `stateless_apply`), never their variables, so they
+    compose with `jax.vmap`. The variables are read when a run starts and assigned when
+    it ends.
     """
 
     def __init__(self, tuner: Finetuner):
@@ -518,7 +519,7 @@ class _JaxLoop:
 
         def step(state, start, size):
             idx = jax.lax.dynamic_slice(order, (start,), (size,))
-            return self.train_step(state, jnp.take(x, idx, axis=0), y[idx])
+            return self.train_step(state, x[idx], y[idx])
 
         def body(i, carry):
             state, total = carry

@@ -62,7 +62,12 @@ from keras_ssrl.training.input import (
 )
 from keras_ssrl.training.loop import NonFiniteLossError, TrainingInterrupted
 from keras_ssrl.training.outputs import PROJECTOR_ROWS
-from keras_ssrl.training.placement import DISTRIBUTE, Placement, make_placement
+from keras_ssrl.training.placement import (
+    DISTRIBUTE,
+    Placement,
+    join_processes,
+    make_placement,
+)
 from keras_ssrl.training.rundir import RUN_FILES
 
 __all__ = [
@@ -74,6 +79,7 @@ __all__ = [
     "InputChoice",
     "choose_input",
     "Placement",
+    "join_processes",
     "make_placement",
     "PROJECTOR_ROWS",
     "RUN_FILES",

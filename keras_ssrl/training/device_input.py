@@ -177,14 +177,19 @@ def index_batches(plan: TrainingPlan, seed: int):
 
     n, bs = plan.n_train, plan.batch_size
     last = final_batch_rows(n, bs, plan.min_rows, plan.row_multiple)
+    processes, index = plan.processes, plan.process_index
+
+    def own(batch):  # a multi-host run: this process's slice of the global batch
+        part = len(batch) // processes
+        return batch[index * part : (index + 1) * part]
 
     def batches(first, end):
         for epoch in range(int(first), int(end)):
             order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
             for start in range(0, (n // bs) * bs, bs):
-                yield order[start : start + bs]
+                yield own(order[start : start + bs])
             if last:
-                yield order[(n // bs) * bs : (n // bs) * bs + last]
+                yield own(order[(n // bs) * bs : (n // bs) * bs + last])
 
     def epochs(first: int, end: int):
         ds = tf.data.Dataset.from_generator(

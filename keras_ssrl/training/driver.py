@@ -248,6 +248,8 @@ def _resolve(
         config.epochs,
         placement.replicas,
         row_multiple=placement.row_multiple,
+        processes=placement.processes,
+        process_index=placement.process_index,
     )
     cache = options.cache
     saved_input = ((saved or {}).get("training") or {}).get("input")

@@ -137,6 +137,8 @@ class TrainingPlan:
             trained on (see `final_batch_rows`).
         row_multiple: int, every batch is a multiple of it (the device count under
             JAX data parallelism, else 1).
+        processes, process_index: a multi-host JAX run's processes and this one's
+            index: each process feeds its slice of every global batch.
     """
 
     n_train: int
@@ -146,6 +148,8 @@ class TrainingPlan:
     epochs: int
     samples_per_epoch: int
     row_multiple: int = 1
+    processes: int = 1
+    process_index: int = 0
 
     @classmethod
     def create(
@@ -155,6 +159,8 @@ class TrainingPlan:
         epochs: int,
         replicas: int = 1,
         row_multiple: int = 1,
+        processes: int = 1,
+        process_index: int = 0,
     ):
         min_rows = 2 * replicas
         if batch_size < min_rows:
@@ -181,6 +187,8 @@ class TrainingPlan:
             epochs=epochs,
             samples_per_epoch=full * batch_size + final,
             row_multiple=row_multiple,
+            processes=processes,
+            process_index=process_index,
         )
 
     @property
@@ -218,20 +226,41 @@ def _epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch + 1
 
 
-def _kept_batches(min_rows: int, row_multiple: int = 1):
-    """A `tf.data` transformation applying `final_batch_rows` to every batch."""
+def _kept_batches(min_rows: int, row_multiple: int = 1, processes: int = 1, index=0):
+    """A `tf.data` transformation applying `final_batch_rows` to every batch.
+
+    In a multi-host run every process reads the same global batches (same files, same
+    seeded order) and keeps its own slice of each: the global batch, the corruption
+    draws and the negatives are those of one device, and every process takes the same
+    number of steps. (`row_multiple` is the global device count, a multiple of
+    `processes`.)
+    """
     import tensorflow as tf
 
     def trim(x):
         rows = tf.shape(x)[0]
         return x[: rows - rows % row_multiple]
 
+    def own_slice(x):
+        part = tf.shape(x)[0] // processes
+        return x[index * part : (index + 1) * part]
+
     def apply(ds):
         if row_multiple > 1:
             ds = ds.map(trim)
-        return ds.filter(lambda x: tf.shape(x)[0] >= min_rows)
+        ds = ds.filter(lambda x: tf.shape(x)[0] >= min_rows)
+        if processes > 1:
+            ds = ds.map(own_slice)
+        return ds
 
     return apply
+
+
+def plan_batches(plan: TrainingPlan):
+    """`_kept_batches` for `plan`."""
+    return _kept_batches(
+        plan.min_rows, plan.row_multiple, plan.processes, plan.process_index
+    )
 
 
 def _subset_rows(data_dir: str, subset: list[str], n_genes: int | None):
@@ -264,6 +293,8 @@ def make_train_data(
     min_rows: int = 2,
     row_multiple: int = 1,
     n_genes: int | None = None,
+    processes: int = 1,
+    process_index: int = 0,
 ):
     """A function `(first_epoch, end_epoch) -> tf.data.Dataset` of training batches.
 
@@ -282,6 +313,8 @@ def make_train_data(
         subset: optional list of pre-training sample ids to keep.
         min_rows: int, the smallest batch kept.
         row_multiple: int, every batch is cut to a multiple of it.
+        processes, process_index: in a multi-host run, the slice of each global
+            batch this process feeds (see `_kept_batches`).
         n_genes: int, for the in-memory cache estimate of a subset.
 
     Returns:
@@ -296,7 +329,7 @@ def make_train_data(
     # the global seed is 0 (e.g. after `keras.utils.set_random_seed(0)`). A fixed,
     # non-zero global seed also makes the order independent of the caller's seeding.
     tf.random.set_seed(_DATA_GLOBAL_SEED)
-    keep_batches = _kept_batches(min_rows, row_multiple)
+    keep_batches = _kept_batches(min_rows, row_multiple, processes, process_index)
     if subset is None:
 
         def one_epoch(epoch):
@@ -342,7 +375,7 @@ def validation_data(data_dir: str, plan: TrainingPlan, n_val: int):
 
     val = (
         read()
-        .apply(_kept_batches(plan.min_rows, plan.row_multiple))
+        .apply(plan_batches(plan))
         .apply(
             cardinality(steps_per_epoch(n_val, bs, plan.min_rows, plan.row_multiple))
         )

@@ -133,6 +133,8 @@ def train(
             min_rows=plan.min_rows,
             row_multiple=plan.row_multiple,
             n_genes=run.manifest.n_genes,
+            processes=plan.processes,
+            process_index=plan.process_index,
         )
     val_data, monitor_data = validation_data(
         run.data_dir, plan, run.manifest.num_records(schema.PRETRAIN_VAL)

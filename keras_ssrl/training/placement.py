@@ -123,7 +123,12 @@ def make_placement(distribute: str) -> Placement:
             )
         return Placement(distribute, 1, backend)
     devices = jax.devices()  # every process's devices: the global mesh
-    distribution = keras.distribution.DataParallel(devices=devices)
+    # Our input pipeline feeds each process its slice of every global batch itself
+    # (`keras_ssrl.training.input`): Keras's re-batching would split a short final
+    # batch unevenly.
+    distribution = keras.distribution.DataParallel(
+        devices=devices, auto_shard_dataset=False
+    )
     return Placement(
         distribute,
         len(devices),
@@ -147,3 +152,74 @@ def _mirrored_strategy():
         return tf.distribute.MirroredStrategy()
     cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices=cpus)
+
+
+def join_processes(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> tuple[int, int]:
+    """Joins a multi-host run under JAX; returns `(process_index, process_count)`.
+
+    Calls `keras.distribution.initialize` (JAX's distributed runtime), which must run
+    before JAX touches a device. With no arguments it reads
+    `KERAS_DISTRIBUTION_JOB_ADDRESSES`, `KERAS_DISTRIBUTION_NUM_PROCESSES` and
+    `KERAS_DISTRIBUTION_PROCESS_ID`, or lets JAX detect the cluster (Slurm, ...).
+    `--distribute data-parallel` then spans every device of every process.
+
+    Raises:
+        ConfigError: not the JAX backend.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise ConfigError(
+            "multi-host training runs under KERAS_BACKEND=jax (TensorFlow's "
+            "MultiWorkerMirroredStrategy does not work with Keras 3)",
+            "coordinator",
+        )
+    import jax
+
+    # Collectives between CPU processes (tests on one machine); GPUs use NCCL.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(
+        job_addresses=coordinator, num_processes=num_processes, process_id=process_id
+    )
+    if jax.process_count() > 1:
+        _place_variables_across_processes()
+    return jax.process_index(), jax.process_count()
+
+
+def _place_variables_across_processes() -> None:
+    """Lets Keras create variables on devices of other processes (JAX < 0.4.31).
+
+    Keras places a new variable with `jax.device_put(value, sharding)`, which the JAX
+    release that shares an environment with TensorFlow 2.16 (0.4.30) refuses for a
+    sharding spanning several processes. Every process creates the same value (same
+    seed), so each can build the global array from its own copy with
+    `jax.make_array_from_callback`, which multi-process JAX supports.
+    """
+    import jax
+    import numpy as np
+    from keras.src.backend.jax import distribution_lib
+
+    original = distribution_lib.distribute_tensor
+    if getattr(original, "_keras_ssrl_multiprocess", False):
+        return
+
+    def distribute_tensor(tensor, layout):
+        sharding = getattr(layout, "backend_layout", layout)
+        if (
+            isinstance(sharding, jax.sharding.Sharding)
+            and not sharding.is_fully_addressable
+            and not isinstance(tensor, jax.core.Tracer)
+            and not (isinstance(tensor, jax.Array) and tensor.sharding == sharding)
+        ):
+            value = np.asarray(tensor)
+            return jax.make_array_from_callback(
+                value.shape, sharding, lambda index: value[index]
+            )
+        return original(tensor, layout)
+
+    distribute_tensor._keras_ssrl_multiprocess = True
+    distribution_lib.distribute_tensor = distribute_tensor
