@@ -256,3 +256,25 @@ def test_two_processes_on_localhost_train_one_devices_run(data, tmp_path):
         weights = keras.saving.load_model(folder / "encoder.keras").get_weights()
         for a, b in zip(reference.get_weights(), weights):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax", reason="this run is the JAX run already"
+)
+def test_backend_neutral_tests_pass_under_jax():
+    """The tests marked `backends` again, under KERAS_BACKEND=jax, in one child run.
+
+    `python -m pytest -q` thus covers both backends with one command (CI included).
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "backends", "-p",
+         "no:cacheprovider", "-x", "--no-header"],
+        cwd=ROOT,
+        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )  # fmt: skip
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary, summary
