@@ -124,6 +124,17 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class HistoryCSV(keras.callbacks.CSVLogger):
+    """Keras' `CSVLogger`, numbering epochs from 1.
+
+    Fine-tuning's `history.csv`, `summary.json`'s best epoch and Keras' own progress
+    ("Epoch 1/20") count from 1; `CSVLogger` writes Keras' 0-based epoch index.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
 class BestEncoderWeights(keras.callbacks.Callback):
     """Keeps a copy of the encoder weights from the epoch with the lowest `monitor`.
 

@@ -215,7 +215,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address of process 0; every process of the run passes the same one",
     )
-    hosts.add_argument("--num-processes", type=int, metavar="N")
+    hosts.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="number of processes (hosts) in the run",
+    )
     hosts.add_argument(
         "--process-id",
         type=int,

@@ -1,4 +1,8 @@
-"""Fine-tuning: subsets, frozen weights, early stopping, outputs, no test-split leakage."""
+"""Fine-tuning: subsets, frozen weights, early stopping, outputs, no test-split leakage.
+
+The tests marked `backends` also run under `KERAS_BACKEND=jax python -m pytest -m
+backends`; tests/test_finetune_backends.py compares the two backends' runs.
+"""
 
 from __future__ import annotations
 
@@ -80,6 +84,7 @@ def test_metrics_match_hand_computed_values():
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
 
 
+@pytest.mark.backends
 def test_frozen_mode_keeps_the_encoder_bit_identical(data, scarf_run):
     from keras_ssrl.finetuning import load_encoder_weights
 
@@ -98,6 +103,7 @@ def test_frozen_mode_keeps_the_encoder_bit_identical(data, scarf_run):
     assert not np.array_equal(moved[0], weights[0])
 
 
+@pytest.mark.backends
 def test_early_stopping_restores_the_best_epoch(data):
     config = FinetuneConfig(max_epochs=60, patience=3, learning_rate=0.03)
     tuner = Finetuner(data.n_genes, len(data.classes), TINY_ENCODER, "unfrozen", config)
@@ -116,6 +122,7 @@ def test_early_stopping_restores_the_best_epoch(data):
     assert float(restored) == pytest.approx(min(val), rel=1e-5)
 
 
+@pytest.mark.backends
 def test_runs_are_reproducible_and_independent_of_earlier_runs(data):
     subset = stratified_subset(data.train.y, 0.5, 7)
     shared = Finetuner(data.n_genes, len(data.classes), TINY_ENCODER, "unfrozen", FAST)
@@ -128,6 +135,7 @@ def test_runs_are_reproducible_and_independent_of_earlier_runs(data):
     assert first.metrics == again.metrics == new.metrics
 
 
+@pytest.mark.backends
 def test_the_test_split_never_influences_training(data):
     """Scrambling the test split changes the scores only, never the trained model."""
     rng = np.random.default_rng(0)
@@ -150,6 +158,7 @@ def test_the_test_split_never_influences_training(data):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.backends
 def test_finetune_writes_a_loadable_classifier(data_dir, data, scarf_run, tmp_path):
     out = str(tmp_path / "ft")
     config = FinetuneConfig(mode="unfrozen", fraction=0.5, max_epochs=3, patience=2)
@@ -180,6 +189,7 @@ def test_finetune_writes_a_loadable_classifier(data_dir, data, scarf_run, tmp_pa
         finetune(data_dir, out, encoder_run=scarf_run, config=config, log=quiet)
 
 
+@pytest.mark.backends
 def test_finetune_cli_baseline_and_errors(data_dir, scarf_run, tmp_path, capsys):
     cli = load_script("scripts/finetune.py")
     out = str(tmp_path / "base")

@@ -108,7 +108,8 @@ def test_run_writes_every_output(scarf_run, data):
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
     history = read_history(run_dir)
-    assert [row["epoch"] for row in history] == ["0", "1"]
+    # Numbered from 1, as fine-tuning's history.csv and summary.json's best epoch.
+    assert [row["epoch"] for row in history] == ["1", "2"]
     for key in ("loss", "val_loss", "val_effective_rank", "val_collapsed_dims"):
         assert np.isfinite(float(history[0][key])), key
 

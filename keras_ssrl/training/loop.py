@@ -66,6 +66,7 @@ def _callbacks(
 
     from keras_ssrl.callbacks import (
         CollapseMonitor,
+        HistoryCSV,
         NonFiniteLossGuard,
         TrainingCheckpoint,
     )
@@ -101,7 +102,7 @@ def _callbacks(
         guard,
         CollapseMonitor(built.encoder, monitor_data),
         built.best,
-        keras.callbacks.CSVLogger(run.path(HISTORY_CSV), append=True),
+        HistoryCSV(run.path(HISTORY_CSV), append=True),
         keras.callbacks.TensorBoard(
             log_dir=run.path(LOGS_DIR),
             write_graph=False,

@@ -40,7 +40,11 @@ def _finite_or_none(value):
 
 
 def truncate_history(path: str, first_epoch: int) -> None:
-    """Drops rows of epochs >= `first_epoch` (written before a kill, redone now)."""
+    """Keeps the rows of the `first_epoch` epochs done; drops those redone now.
+
+    Rows are numbered from 1 (`keras_ssrl.callbacks.HistoryCSV`): rows 1 to
+    `first_epoch` were complete before a stop.
+    """
     if not os.path.isfile(path):
         return
     with open(path, newline="", encoding="utf-8") as handle:
@@ -48,7 +52,7 @@ def truncate_history(path: str, first_epoch: int) -> None:
     if not rows:
         return
     header, body = rows[0], rows[1:]
-    kept = [r for r in body if r and r[0].isdigit() and int(r[0]) < first_epoch]
+    kept = [r for r in body if r and r[0].isdigit() and int(r[0]) <= first_epoch]
     with (
         atomic_path(path) as tmp,
         open(tmp, "w", newline="", encoding="utf-8") as handle,
