@@ -115,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
         "built-in synthetic-tcga)",
     )
     p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write loss and accuracy per epoch (train, validation) to "
+        "OUT/logs for TensorBoard",
+    )
+    p.add_argument(
         "--out",
         metavar="DIR",
         help="output folder, new or empty (default: runs/finetune-<method>-<mode>-p<p>, "
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
             args.data,
             out,
             encoder_run=args.encoder,
+            tensorboard=args.tensorboard,
             config=config,
             encoder_config=BASELINE_FLAGS.apply(args, EncoderConfig()),
             log=log_line,

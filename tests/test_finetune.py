@@ -189,6 +189,34 @@ def test_finetune_writes_a_loadable_classifier(data_dir, data, scarf_run, tmp_pa
         finetune(data_dir, out, encoder_run=scarf_run, config=config, log=quiet)
 
 
+def test_finetune_history_and_tensorboard_number_epochs_from_one(data_dir, tmp_path):
+    import csv
+
+    import tensorflow as tf
+
+    out = tmp_path / "ft"
+    config = FinetuneConfig(mode="unfrozen", fraction=0.5, max_epochs=3, patience=3)
+    finetune(data_dir, str(out), config=config, tensorboard=True, log=quiet)
+    with open(out / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert all(0.0 <= float(r["val_accuracy"]) <= 1.0 for r in rows)
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        (events,) = (out / "logs" / run).iterdir()
+        seen = {}
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor))
+                seen[(value.tag, event.step)] = number
+        for row in rows:
+            step = int(row["epoch"])
+            for name in ("loss", "accuracy"):
+                assert seen[(f"epoch_{name}", step)] == pytest.approx(
+                    float(row[prefix + name]), rel=1e-5
+                )
+
+
 @pytest.mark.backends
 def test_finetune_cli_baseline_and_errors(data_dir, scarf_run, tmp_path, capsys):
     cli = load_script("scripts/finetune.py")

@@ -58,6 +58,7 @@ from keras_ssrl.runs import (
     CONFIG_JSON,
     ENCODER_FILE,
     HISTORY_CSV,
+    LOGS_DIR,
     METRICS_JSON,
     check_output_folder,
     check_outside,
@@ -69,7 +70,7 @@ from keras_ssrl.runs import (
 CONFUSION_AXES = "rows: true class, columns: predicted class, both in `classes` order"
 
 # The files of a fine-tuning folder (`atomic_path` writes each; its temporaries are ours).
-FINETUNE_FILES = (CLASSIFIER_FILE, CONFIG_JSON, METRICS_JSON, HISTORY_CSV)
+FINETUNE_FILES = (CLASSIFIER_FILE, CONFIG_JSON, METRICS_JSON, HISTORY_CSV, LOGS_DIR)
 
 
 @dataclasses.dataclass
@@ -96,6 +97,7 @@ def finetune(
     encoder_run: str | None = None,
     config: FinetuneConfig | None = None,
     encoder_config: EncoderConfig | None = None,
+    tensorboard: bool = False,
     log: Callable[[str], None] = print,
     command: list[str] | None = None,
 ) -> dict:
@@ -111,6 +113,8 @@ def finetune(
         config: a `FinetuneConfig`; `mode` must be `unfrozen` for the baseline.
         encoder_config: the baseline's architecture (default: protocol's 4 x 256);
             ignored with `encoder_run` (the run's architecture is used).
+        tensorboard: also write `logs/train` and `logs/validation` for TensorBoard:
+            loss and accuracy per epoch (steps numbered from 1, as in history.csv).
         log: callable receiving progress lines.
         command: the command line, recorded in `config.json`.
 
@@ -147,7 +151,7 @@ def finetune(
             f"{len(run.data.train.y)} training samples, {len(run.data.classes)} classes"
         )
         result = run.tuner.run(run.data, run.subset, run.seed, run.weights, log=log)
-        metrics = _write_run(run, result)
+        metrics = _write_run(run, result, tensorboard)
     log(
         f"test accuracy {metrics['accuracy']:.4f}, balanced accuracy "
         f"{metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
@@ -279,13 +283,15 @@ def _record(run: _Run, result: RunResult) -> dict:
     }
 
 
-def _write_run(run: _Run, result: RunResult) -> dict:
-    """Writes the classifier, history, metrics and (last) `config.json`."""
+def _write_run(run: _Run, result: RunResult, tensorboard: bool = False) -> dict:
+    """Writes the classifier, history, logs, metrics and (last) `config.json`."""
     record = _record(run, result)
     out_dir = run.out_dir
     with atomic_path(os.path.join(out_dir, CLASSIFIER_FILE), ".keras") as tmp:
         run.tuner.classifier.save(tmp)
     _write_history(os.path.join(out_dir, HISTORY_CSV), result.history)
+    if tensorboard:
+        write_tensorboard(os.path.join(out_dir, LOGS_DIR), result.history)
     metrics = {
         **result.metrics,
         # What the confusion matrix's rows (true) and columns (predicted) are.
@@ -302,8 +308,37 @@ def _write_run(run: _Run, result: RunResult) -> dict:
     return metrics
 
 
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
 def _write_history(path: str, history: list[dict]) -> None:
+    """One row per epoch, numbered from 1 (as pre-training's history.csv)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("epoch,loss,val_loss\n")
+        handle.write(",".join(HISTORY_COLUMNS) + "\n")
         for row in history:
-            handle.write(f"{row['epoch']},{row['loss']:.6g},{row['val_loss']:.6g}\n")
+            values = [str(row["epoch"])] + [
+                f"{row[k]:.6g}" for k in HISTORY_COLUMNS[1:]
+            ]
+            handle.write(",".join(values) + "\n")
+
+
+def write_tensorboard(folder: str, history: list[dict]) -> None:
+    """TensorBoard runs `train` and `validation` of a fine-tuning run's history.
+
+    The tags are those of Keras' TensorBoard callback in pre-training (`epoch_loss`,
+    `epoch_accuracy`), so both kinds of run compare in one TensorBoard. A folder left
+    by a failed attempt is replaced (it is this run's own).
+    """
+    import shutil
+
+    import tensorflow as tf
+
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        writer = tf.summary.create_file_writer(os.path.join(folder, run))
+        with writer.as_default():
+            for row in history:
+                for name in ("loss", "accuracy"):
+                    tf.summary.scalar(f"epoch_{name}", row[prefix + name], row["epoch"])
+        writer.close()

@@ -296,8 +296,16 @@ class Finetuner:
         loop.start(train, val)
         best, best_epoch, best_state, history = np.inf, 0, None, []
         for epoch in range(1, self.config.max_epochs + 1):
-            loss, val_loss = loop.epoch(rng.permutation(subset))
-            history.append({"epoch": epoch, "loss": loss, "val_loss": val_loss})
+            loss, accuracy, val_loss, val_accuracy = loop.epoch(rng.permutation(subset))
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": loss,
+                    "accuracy": accuracy,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_accuracy,
+                }
+            )
             if log is not None:
                 log(f"epoch {epoch}: loss {loss:.4f}, val_loss {val_loss:.4f}")
             if not (np.isfinite(loss) and np.isfinite(val_loss)):
@@ -380,13 +388,18 @@ class _TensorFlowLoop:
 
         self._data = tuple(tf.constant(a) for a in (*train, *val))
 
-    def epoch(self, order: np.ndarray) -> tuple[float, float]:
-        """Trains one epoch in batches of `order`; returns (loss, validation loss)."""
+    def epoch(self, order: np.ndarray) -> tuple[float, float, float, float]:
+        """Trains one epoch in batches of `order`.
+
+        Returns:
+            Training loss and accuracy (over the epoch's batches, in training mode)
+            and validation loss and accuracy (after the epoch).
+        """
         import tensorflow as tf
 
         x, y, x_val, y_val = self._data
-        loss, val_loss = self._epoch(x, y, tf.constant(order), x_val, y_val)
-        return float(loss), float(val_loss)
+        out = self._epoch(x, y, tf.constant(order), x_val, y_val)
+        return tuple(float(v) for v in out)
 
     def snapshot(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.mutable]
@@ -409,22 +422,31 @@ class _TensorFlowLoop:
         batch = self.batch
         n = tf.shape(order)[0]
         steps = (n + batch - 1) // batch
-        total = tf.constant(0.0)
+        total, correct = tf.constant(0.0), tf.constant(0.0)
         for i in tf.range(steps):
             idx = order[i * batch : (i + 1) * batch]
-            loss = self._step(tf.gather(x, idx), tf.gather(y, idx))
+            loss, hits = self._step(tf.gather(x, idx), tf.gather(y, idx))
             total += loss * tf.cast(tf.shape(idx)[0], tf.float32)
-        val_loss = self.loss(y_val, self._forward(x_val, False))
-        return total / tf.cast(n, tf.float32), val_loss
+            correct += hits
+        logits = self._forward(x_val, False)
+        rows = tf.cast(n, tf.float32)
+        val_rows = tf.cast(tf.shape(y_val)[0], tf.float32)
+        return (
+            total / rows,
+            correct / rows,
+            self.loss(y_val, logits),
+            _hits(logits, y_val) / val_rows,
+        )
 
     def _train_step(self, x, y):
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            loss = self.loss(y, self._forward(x, True))
+            logits = self._forward(x, True)
+            loss = self.loss(y, logits)
         grads = tape.gradient(loss, self.trainable)
         self.optimizer.apply(grads, self.trainable)
-        return loss
+        return loss, _hits(logits, y)
 
 
 class TrainState(NamedTuple):
@@ -444,7 +466,7 @@ class _JaxLoop:
     """The epochs of a run under JAX: pure functions of (state, data), jitted.
 
     `train_step` and `train_epoch` map a `TrainState` and data to the next state;
-    `validation_loss` reads one. They use the Keras model and optimizer for their
+    `validation` reads one. They use the Keras model and optimizer for their
     structure only (`stateless_call`, `stateless_apply`), never their variables, so they
     compose with `jax.vmap`. The variables are read when a run starts and assigned when
     it ends.
@@ -479,22 +501,29 @@ class _JaxLoop:
 
     def batch_loss(self, trainable, non_trainable, x, y):
         logits, non_trainable = self.forward(trainable, non_trainable, x, True)
-        return self.loss(y, logits), tuple(non_trainable)
+        return self.loss(y, logits), (tuple(non_trainable), _hits(logits, y))
 
     def train_step(self, state: TrainState, x, y):
-        """One Adam step on the batch `(x, y)`: returns (next state, batch loss)."""
+        """One Adam step on the batch `(x, y)`.
+
+        Returns:
+            The next state, the batch loss and its number of correct predictions.
+        """
         import jax
 
         grad = jax.value_and_grad(self.batch_loss, has_aux=True)
-        (loss, non_trainable), grads = grad(state.trainable, state.non_trainable, x, y)
+        (loss, (non_trainable, hits)), grads = grad(
+            state.trainable, state.non_trainable, x, y
+        )
         trainable, optimizer = self.optimizer.stateless_apply(
             state.optimizer, grads, state.trainable
         )
-        return TrainState(tuple(trainable), non_trainable, tuple(optimizer)), loss
+        return TrainState(tuple(trainable), non_trainable, tuple(optimizer)), loss, hits
 
-    def validation_loss(self, state: TrainState, x, y):
+    def validation(self, state: TrainState, x, y):
+        """Validation loss and accuracy (inference mode)."""
         logits, _ = self.forward(state.trainable, state.non_trainable, x, False)
-        return self.loss(y, logits)
+        return self.loss(y, logits), _hits(logits, y) / y.shape[0]
 
     def train_epoch(self, state: TrainState, data, order, steps, *, rest: int):
         """One epoch: `steps` full batches, the last `rest` rows, the validation loss.
@@ -508,8 +537,8 @@ class _JaxLoop:
             rest: the rows of the last partial batch (0 to `batch_size - 1`), static.
 
         Returns:
-            The state after the epoch, the mean training loss over its rows and the
-            validation loss.
+            The state after the epoch, the mean training loss and accuracy over its
+            rows, and the validation loss and accuracy.
         """
         import jax
         import jax.numpy as jnp
@@ -522,18 +551,23 @@ class _JaxLoop:
             return self.train_step(state, x[idx], y[idx])
 
         def body(i, carry):
-            state, total = carry
-            state, loss = step(state, i * batch, batch)
-            return state, total + loss * batch
+            state, total, correct = carry
+            state, loss, hits = step(state, i * batch, batch)
+            return state, total + loss * batch, correct + hits
 
         zero = jnp.zeros((), jnp.float32)
-        state, total = jax.lax.fori_loop(0, steps, body, (state, zero))
+        state, total, correct = jax.lax.fori_loop(0, steps, body, (state, zero, zero))
         if rest:
             # At its own shape: padding rows would change BatchNorm's batch statistics.
-            state, loss = step(state, steps * batch, rest)
-            total = total + loss * rest
-        loss = total / (steps * batch + rest).astype(jnp.float32)
-        return state, loss, self.validation_loss(state, x_val, y_val)
+            state, loss, hits = step(state, steps * batch, rest)
+            total, correct = total + loss * rest, correct + hits
+        rows = (steps * batch + rest).astype(jnp.float32)
+        return (
+            state,
+            total / rows,
+            correct / rows,
+            *self.validation(state, x_val, y_val),
+        )
 
     # The run, around the pure functions.
     def start(self, train, val) -> None:
@@ -548,15 +582,15 @@ class _JaxLoop:
             _values(self.optimizer.variables),
         )
 
-    def epoch(self, order: np.ndarray) -> tuple[float, float]:
-        """Trains one epoch in batches of `order`; returns (loss, validation loss)."""
+    def epoch(self, order: np.ndarray) -> tuple[float, float, float, float]:
+        """Trains one epoch in batches of `order` (returns as `_TensorFlowLoop.epoch`)."""
         steps, rest = divmod(len(order), self.batch)
         padded = np.zeros(max(self._rows, len(order)), np.int32)
         padded[: len(order)] = order
-        self._state, loss, val_loss = self._epoch(
+        self._state, *values = self._epoch(
             self._state, self._data, padded, np.int32(steps), rest=rest
         )
-        return float(loss), float(val_loss)
+        return tuple(float(v) for v in values)
 
     def snapshot(self) -> TrainState:
         # JAX arrays are immutable and the epoch does not donate its input: no copy.
@@ -590,6 +624,16 @@ class _JaxLoop:
             _values(encoder.non_trainable_variables),
         )
         return self._embed(values, x)
+
+
+def _hits(logits, y):
+    """Correct predictions in a batch, as a float32 count (either backend)."""
+    from keras import ops
+
+    predicted = ops.argmax(logits, axis=-1)
+    return ops.sum(
+        ops.cast(ops.equal(predicted, ops.cast(y, predicted.dtype)), "float32")
+    )
 
 
 def _values(variables) -> tuple:

@@ -1,0 +1,749 @@
+"""Many fine-tuning runs of one architecture at once: one model, weights stacked by run.
+
+Owns `StackedFinetuner`, which trains N runs of `Finetuner` (docs/protocol.md,
+"Fine-tuning") together and returns what each would have returned alone; `Job`, what one
+run trains on; and `StackedRuns`, the runs of one call, epoch by epoch.
+
+Why: the label-efficiency grid is thousands of tiny runs (batch 8, up to 100 epochs).
+One such run leaves a GPU idle between kernel launches and a CPU paying per-call
+overhead. Here every weight, BatchNorm statistic and Adam moment carries a leading run
+axis, the layers are batched matmuls (`keras.ops.einsum`), and one compiled call trains
+one epoch of every run (a loop over steps inside, then each run's validation loss).
+
+Each run stays the run `Finetuner.run` would train alone, up to floating-point order:
+
+- the same initial weights (drawn as `Finetuner.reset` draws them, from the job's seed)
+  and the same batch order (`rng.permutation(subset)` per epoch, from its own generator);
+- its own Adam state and step count (Keras's formula, bias correction by its own step);
+- batches of fixed shape (runs x `batch_size` rows) with a validity mask: a run whose
+  epoch has no batch left, or which has stopped, keeps its weights, moving statistics
+  and optimizer state untouched (selected, not updated with a zero gradient, which
+  Adam's momentum would still turn into a step). A last partial batch has its own size:
+  BatchNorm's batch moments and the loss use the run's real rows only;
+- early stopping on its own validation loss, and its best epoch restored.
+
+`frozen` mode trains the stacked heads on embeddings computed once per distinct encoder.
+Dropout is not supported: each run would need its own dropout masks; such jobs run one
+at a time (`parallel_runs=1`).
+
+Backends: the same `keras.ops` code runs under TensorFlow (`tf.function(jit_compile=True)`,
+TensorFlow imported only there) and JAX (`jax.jit`, pure functions of explicit state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from keras_ssrl.config import EncoderConfig, FinetuneConfig
+from keras_ssrl.finetuning.data import FinetuneData
+from keras_ssrl.finetuning.model import build_classifier
+from keras_ssrl.finetuning.settings import (
+    MODES,
+    FinetuneError,
+    validate_finetune_config,
+)
+from keras_ssrl.finetuning.trainer import (
+    RunResult,
+    _checked_subset,
+    _reinitialize,
+    classification_metrics,
+)
+
+# Rows per call when embedding a split with a frozen encoder.
+_CHUNK = 2048
+# The Keras backends with a compiled stacked loop.
+_BACKENDS = ("tensorflow", "jax")
+
+
+@dataclasses.dataclass
+class Job:
+    """One fine-tuning run of a `StackedFinetuner.run_many` call.
+
+    Attributes:
+        subset: indices into the training split, as for `Finetuner.run`.
+        seed: seed of the head (and baseline encoder) initialisation and of the batch
+            order.
+        encoder_weights: pre-trained encoder weights, or None for the baseline.
+        encoder_key: identifies `encoder_weights` in frozen mode: jobs with the same key
+            share one set of embeddings. None: jobs share them when they pass the same
+            list object.
+    """
+
+    subset: np.ndarray
+    seed: int
+    encoder_weights: list[np.ndarray] | None
+    encoder_key: str | None = None
+
+
+class StackedState(NamedTuple):
+    """The state of N runs: each field holds arrays with the runs on axis 0.
+
+    A pytree (JAX) and a nested structure (TensorFlow), so one compiled epoch takes it
+    and returns the next.
+
+    Attributes:
+        params: the trained weights: per encoder block (unfrozen mode only) the Dense
+            kernel and bias and the BatchNorm gamma and beta, then the head's kernel and
+            bias.
+        stats: per encoder block (unfrozen mode only) the BatchNorm moving mean and
+            moving variance.
+        momentums, velocities: Adam's moments, shaped as `params`.
+        steps: int32 `[runs]`, the Adam steps each run has taken.
+        best_params, best_stats: `params` and `stats` at each run's best epoch so far.
+        best_loss: float32 `[runs]`, each run's lowest validation loss so far.
+    """
+
+    params: tuple
+    stats: tuple
+    momentums: tuple
+    velocities: tuple
+    steps: object
+    best_params: tuple
+    best_stats: tuple
+    best_loss: object
+
+
+class StackedFinetuner:
+    """Fine-tunes N runs of one classifier architecture together, as one stacked model.
+
+    `run_many(data, jobs)` returns, for each job, the `RunResult` of
+    `Finetuner(...).run(data, job.subset, job.seed, job.encoder_weights)` (the module
+    docstring says what is shared and what stays per run).
+
+    Args:
+        n_genes, n_classes: the dataset's shape.
+        encoder_config: the encoder architecture; its dropout must be 0.
+        mode: `unfrozen` or `frozen`.
+        config: a `FinetuneConfig` (learning rate, batch size, epochs, patience).
+
+    Raises:
+        FinetuneError: an unknown mode, an invalid config, a backend other than
+            TensorFlow or JAX, or an encoder with dropout.
+
+    Example:
+
+    ```python
+    tuner = StackedFinetuner(data.n_genes, len(data.classes), EncoderConfig(),
+                             "unfrozen", FinetuneConfig())
+    jobs = [Job(stratified_subset(data.train.y, p, seed), seed, weights)
+            for p, seed in grid]
+    results = tuner.run_many(data, jobs)
+    ```
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_classes: int,
+        encoder_config: EncoderConfig,
+        mode: str,
+        config: FinetuneConfig,
+    ):
+        import keras
+
+        if mode not in MODES:
+            raise FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
+        validate_finetune_config(config)
+        backend = keras.backend.backend()
+        if backend not in _BACKENDS:
+            raise FinetuneError(
+                f"stacked fine-tuning runs on the {' and '.join(_BACKENDS)} backends "
+                f"of Keras, not {backend!r}; set KERAS_BACKEND to one of them"
+            )
+        if encoder_config.dropout:
+            raise FinetuneError(
+                f"stacked fine-tuning does not support dropout (the encoder has "
+                f"dropout {encoder_config.dropout}): each run would need its own "
+                "dropout masks; train these runs one at a time with parallel_runs=1"
+            )
+        self.n_genes, self.n_classes = n_genes, n_classes
+        self.encoder_config, self.mode, self.config = encoder_config, mode, config
+        self._build_template()
+        adam = keras.optimizers.Adam(config.learning_rate)
+        self._adam = (
+            float(config.learning_rate),
+            float(adam.beta_1),
+            float(adam.beta_2),
+            float(adam.epsilon),
+        )
+        self._epoch = _compile(self._train_epoch)
+        self._logits = _compile(self._inference_logits)
+
+    def _build_template(self) -> None:
+        """The Keras classifier the runs' initial weights are drawn from (float32).
+
+        It is the model `Finetuner` builds; its variables are re-drawn for each job and
+        read, never trained.
+        """
+        import keras
+
+        from keras_ssrl.encoders import build_encoder
+
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+        try:
+            self.encoder = build_encoder(
+                self.n_genes, self.encoder_config.layers, self.encoder_config.width
+            )
+            self.classifier = build_classifier(self.encoder, self.n_classes)
+        finally:
+            keras.config.set_dtype_policy(previous)
+        self.head = self.classifier.get_layer("head")
+        dense = [x for x in self.encoder.layers if isinstance(x, keras.layers.Dense)]
+        norms = [
+            x
+            for x in self.encoder.layers
+            if isinstance(x, keras.layers.BatchNormalization)
+        ]
+        # The stacked forward pass hard-codes build_encoder's blocks.
+        if len(dense) != len(norms) or len(dense) != self.encoder_config.layers:
+            raise FinetuneError(
+                "stacked fine-tuning expects build_encoder's [Dense -> BatchNorm -> "
+                "ReLU] blocks; use parallel_runs=1 for another encoder"
+            )
+        self._bn_epsilon = float(norms[0].epsilon)
+        self._bn_momentum = float(norms[0].momentum)
+        # What a run trains and what it reads back, in `StackedState`'s order.
+        self._param_variables, self._stat_variables = [], []
+        if self.mode == "unfrozen":
+            for layer, norm in zip(dense, norms):
+                self._param_variables += [
+                    layer.kernel,
+                    layer.bias,
+                    norm.gamma,
+                    norm.beta,
+                ]
+                self._stat_variables += [norm.moving_mean, norm.moving_variance]
+        self._param_variables += [self.head.kernel, self.head.bias]
+        self._blocks = len(dense) if self.mode == "unfrozen" else 0
+
+    # ------------------------------------------------------------------ the runs
+
+    def run_many(
+        self,
+        data: FinetuneData,
+        jobs: Sequence[Job],
+        *,
+        log: Callable[[str], None] | None = None,
+    ) -> list[RunResult]:
+        """Trains every job to its early stop; scores each on the test split.
+
+        Args:
+            data: the dataset's fine-tuning splits.
+            jobs: the runs, as `Job`s.
+            log: optional callable receiving one line per epoch.
+
+        Returns:
+            One `RunResult` per job, in the jobs' order; `seconds` is each run's share
+            of the call's wall time.
+
+        Raises:
+            FinetuneError: no jobs, frozen mode without pre-trained weights, or a subset
+                that is empty or indexes outside the training split.
+            FloatingPointError: a run's training or validation loss diverged.
+        """
+        runs = self.start(data, jobs, log=log)
+        while runs.epoch():
+            pass
+        return runs.results()
+
+    def start(
+        self,
+        data: FinetuneData,
+        jobs: Sequence[Job],
+        *,
+        log: Callable[[str], None] | None = None,
+    ) -> StackedRuns:
+        """The runs of `jobs` at their initial weights, to train epoch by epoch.
+
+        `run_many` is `start`, then `epoch()` until it returns False, then `results()`.
+
+        Raises:
+            FinetuneError: as `run_many`.
+        """
+        return StackedRuns(self, data, list(jobs), log)
+
+    # The initial state, on the host.
+    def _initial_values(self, job: Job) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A job's initial params and stats, drawn as `Finetuner.reset` draws them."""
+        rng = np.random.default_rng(job.seed)
+        _reinitialize(self.head, rng)
+        if self.mode == "unfrozen":
+            if job.encoder_weights is None:
+                _reinitialize(self.encoder, rng)
+            else:
+                self.encoder.set_weights(job.encoder_weights)
+        return (
+            [np.asarray(v.numpy()) for v in self._param_variables],
+            [np.asarray(v.numpy()) for v in self._stat_variables],
+        )
+
+    def _embed(self, weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Embeddings of `x` by the encoder with `weights` (BatchNorm in inference)."""
+        import keras
+
+        self.encoder.set_weights(weights)
+        return np.concatenate(
+            [
+                keras.ops.convert_to_numpy(
+                    self.encoder(x[i : i + _CHUNK], training=False)
+                )
+                for i in range(0, len(x), _CHUNK)
+            ]
+        ).astype(np.float32)
+
+    # ------------------------------------------- pure functions of the stacked state
+
+    def _forward(self, params, stats, x, mask=None):
+        """Logits `[runs, rows, classes]` of `x`, and the batch moments in training.
+
+        Args:
+            params, stats: as in `StackedState`.
+            x: `[runs, rows, features]`, or `[rows, features]` shared by every run.
+            mask: None for inference (BatchNorm uses the moving statistics), or float
+                `[runs, rows]`, 1 for a run's real rows: BatchNorm in training mode,
+                with moments over those rows only.
+
+        Returns:
+            The logits and, in training mode, each block's batch `(mean, variance)`.
+        """
+        from keras import ops
+
+        h, moments = x, []
+        for i in range(self._blocks):
+            kernel, bias, gamma, beta = params[4 * i : 4 * i + 4]
+            h = _dense(h, kernel, bias)
+            if mask is None:
+                mean, variance = stats[2 * i], stats[2 * i + 1]
+            else:
+                mean, variance = _masked_moments(h, mask)
+                moments.append((mean, variance))
+            h = ops.relu(_normalize(h, mean, variance, gamma, beta, self._bn_epsilon))
+        return _dense(h, params[-2], params[-1]), moments
+
+    def _inference_logits(self, params, stats, x):
+        return self._forward(params, stats, x)[0]
+
+    def _train_step(self, state: StackedState, x, y, mask):
+        """One Adam step of every run on its batch; runs without rows stay untouched.
+
+        Args:
+            state: the `StackedState` before the step.
+            x, y: `[runs, batch, features]` inputs and `[runs, batch]` labels.
+            mask: float `[runs, batch]`, 1 for real rows.
+
+        Returns:
+            The next state, each run's mean loss over its real rows, and their count.
+        """
+        from keras import ops
+
+        rows = ops.sum(mask, axis=1)
+        stepped = rows > 0
+
+        def loss_fn(params):
+            logits, moments = self._forward(params, state.stats, x, mask)
+            per_row = _cross_entropy(y, logits, self.n_classes) * mask
+            # Each run's mean over its real rows: summed over runs, the gradient of a
+            # run's weights is that of its own loss.
+            per_run = ops.sum(per_row, axis=1) / ops.maximum(rows, 1.0)
+            return ops.sum(per_run), (per_run, moments)
+
+        (_, (loss, moments)), grads = _value_and_grad(loss_fn)(state.params)
+        params, momentums, velocities = self._adam_step(state, grads, stepped)
+        # Keras's BatchNormalization: moving = moving * momentum + batch * (1 - m).
+        momentum, stats = self._bn_momentum, []
+        for moving, batch in zip(
+            state.stats, [value for pair in moments for value in pair]
+        ):
+            stats.append(moving * momentum + batch * (1.0 - momentum))
+        state = state._replace(
+            params=params,
+            stats=_select(stepped, stats, state.stats),
+            momentums=momentums,
+            velocities=velocities,
+            steps=state.steps + ops.cast(stepped, "int32"),
+        )
+        return state, loss, rows
+
+    def _adam_step(self, state: StackedState, grads, stepped):
+        """Keras's Adam update, each run with its own step count, where it stepped."""
+        from keras import ops
+
+        lr, beta_1, beta_2, epsilon = self._adam
+        step = ops.cast(state.steps + 1, "float32")
+        beta_1_power = ops.power(ops.cast(beta_1, "float32"), step)
+        beta_2_power = ops.power(ops.cast(beta_2, "float32"), step)
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        params, momentums, velocities = [], [], []
+        for p, g, m, v in zip(state.params, grads, state.momentums, state.velocities):
+            a = _per_run(alpha, p)
+            m = m + (g - m) * (1 - beta_1)
+            v = v + (ops.square(g) - v) * (1 - beta_2)
+            params.append(p - (m * a) / (ops.sqrt(v) + epsilon))
+            momentums.append(m)
+            velocities.append(v)
+        return (
+            _select(stepped, params, state.params),
+            _select(stepped, momentums, state.momentums),
+            _select(stepped, velocities, state.velocities),
+        )
+
+    def _train_epoch(self, state: StackedState, data, orders, mask, active, steps):
+        """One epoch of every run, then each run's validation loss and best state.
+
+        Args:
+            state: the `StackedState` before the epoch.
+            data: `(x, y, x_val, y_val)`: the batches take rows of `x` and `y` by
+                `orders`; `x_val` is `[rows, features]` shared by every run or
+                `[runs, rows, features]`.
+            orders: int32 `[max_steps, runs, batch]` row indices, the run's shuffled
+                subset then padding.
+            mask: float `[max_steps, runs, batch]`, 1 for real rows.
+            active: bool `[runs]`, the runs that train this epoch.
+            steps: int32 scalar, the steps this epoch (its longest run's batches).
+
+        Returns:
+            The next state, each run's summed training loss over its rows, its
+            validation loss, and whether that improved on its best (for active runs).
+        """
+        from keras import ops
+
+        x, y, x_val, y_val = data
+
+        def body(i, carry):
+            state, total = carry
+            rows = orders[i]
+            state, loss, count = self._train_step(
+                state, ops.take(x, rows, axis=0), ops.take(y, rows, axis=0), mask[i]
+            )
+            return state, total + loss * count
+
+        total = ops.zeros_like(state.best_loss)
+        state, total = ops.fori_loop(0, steps, body, (state, total))
+        logits = self._forward(state.params, state.stats, x_val)[0]
+        val_loss = ops.mean(_cross_entropy(y_val, logits, self.n_classes), axis=1)
+        improved = ops.logical_and(active, val_loss < state.best_loss)
+        state = state._replace(
+            best_params=_select(improved, state.params, state.best_params),
+            best_stats=_select(improved, state.stats, state.best_stats),
+            best_loss=ops.where(improved, val_loss, state.best_loss),
+        )
+        return state, total, val_loss, improved
+
+
+class StackedRuns:
+    """The runs of one `StackedFinetuner` call: their state and their histories.
+
+    Built by `StackedFinetuner.start`. `epoch()` trains one epoch of every run still
+    training and applies early stopping; `results()` scores each run's best epoch.
+    `state(i)` and `best_weights(i)` read one run's values.
+    """
+
+    def __init__(
+        self,
+        tuner: StackedFinetuner,
+        data: FinetuneData,
+        jobs: list[Job],
+        log: Callable[[str], None] | None,
+    ):
+        from keras import ops
+
+        if not jobs:
+            raise FinetuneError("no jobs to run: pass at least one Job")
+        self._started = time.perf_counter()
+        self.tuner, self.jobs, self._log = tuner, jobs, log
+        n_train = len(data.train.y)
+        frozen = tuner.mode == "frozen"
+        if frozen and any(job.encoder_weights is None for job in jobs):
+            raise FinetuneError("frozen fine-tuning needs a pre-trained encoder")
+        self._subsets = [_checked_subset(job.subset, n_train) for job in jobs]
+        splits = (data.train.x, data.val.x, data.test.x)
+        if frozen:
+            # The encoder is a fixed function: embed each split once per encoder.
+            keys = [_encoder_identity(job) for job in jobs]
+            groups: dict = {}
+            tables = []
+            for job, key in zip(jobs, keys):
+                if key not in groups:
+                    groups[key] = len(tables)
+                    tables.append(
+                        [tuner._embed(job.encoder_weights, x) for x in splits]
+                    )
+            group = np.array([groups[key] for key in keys], np.int64)
+            x_train = np.concatenate([t[0] for t in tables])
+            y_train = np.tile(data.train.y, len(tables))
+            x_val, x_test = (_per_group([t[k] for t in tables], group) for k in (1, 2))
+        else:
+            group = np.zeros(len(jobs), np.int64)
+            x_train, x_val, x_test = (np.asarray(x, np.float32) for x in splits)
+            y_train = data.train.y
+        # A run's rows of the (stacked) training table.
+        self._offsets = group * n_train
+        self._data = tuple(
+            ops.convert_to_tensor(a)
+            for a in (
+                x_train,
+                np.asarray(y_train, np.int32),
+                x_val,
+                np.asarray(data.val.y, np.int32),
+            )
+        )
+        self._x_test, self._y_test = ops.convert_to_tensor(x_test), data.test.y
+        batch = tuner.config.batch_size
+        # Fixed over the call, so that every epoch reuses one compiled function.
+        self._max_steps = math.ceil(
+            max(n_train, *(len(s) for s in self._subsets)) / batch
+        )
+        self._state = self._initial_state()
+        self._rngs = [np.random.default_rng(job.seed) for job in jobs]
+        self.active = np.ones(len(jobs), bool)
+        self.histories: list[list[dict]] = [[] for _ in jobs]
+        self.best_epochs = [0] * len(jobs)
+        self.epochs_run = 0
+
+    def _initial_state(self) -> StackedState:
+        from keras import ops
+
+        values = [self.tuner._initial_values(job) for job in self.jobs]
+
+        def stacked(which):
+            columns = zip(*(v[which] for v in values))
+            return tuple(ops.convert_to_tensor(np.stack(c)) for c in columns)
+
+        params, stats = stacked(0), stacked(1)
+        runs = len(self.jobs)
+        return StackedState(
+            params=params,
+            stats=stats,
+            momentums=tuple(ops.zeros_like(p) for p in params),
+            velocities=tuple(ops.zeros_like(p) for p in params),
+            steps=ops.zeros((runs,), "int32"),
+            best_params=params,
+            best_stats=stats,
+            best_loss=ops.convert_to_tensor(np.full(runs, np.inf, np.float32)),
+        )
+
+    def epoch(self) -> bool:
+        """Trains one epoch of every active run; stops runs by early stopping.
+
+        Returns:
+            Whether any run is still training.
+
+        Raises:
+            FloatingPointError: a run's training or validation loss diverged.
+        """
+        from keras import ops
+
+        if not self.active.any():
+            return False
+        config = self.tuner.config
+        batch, runs = config.batch_size, len(self.jobs)
+        self.epochs_run += 1
+        epoch = self.epochs_run
+        length = self._max_steps * batch
+        orders = np.zeros((self._max_steps, runs, batch), np.int32)
+        mask = np.zeros((self._max_steps, runs, batch), np.float32)
+        steps = 0
+        for r in np.flatnonzero(self.active):
+            # The batch order `Finetuner._fit` draws: one permutation per epoch run.
+            order = self._rngs[r].permutation(self._subsets[r])
+            n = len(order)
+            # Padding rows point at the run's first row: finite, masked out.
+            rows = np.full(length, self._offsets[r], np.int32)
+            rows[:n] = order + self._offsets[r]
+            real = np.zeros(length, np.float32)
+            real[:n] = 1.0
+            orders[:, r] = rows.reshape(-1, batch)
+            mask[:, r] = real.reshape(-1, batch)
+            steps = max(steps, math.ceil(n / batch))
+        self._state, total, val_loss, improved = self.tuner._epoch(
+            self._state,
+            self._data,
+            ops.convert_to_tensor(orders),
+            ops.convert_to_tensor(mask),
+            ops.convert_to_tensor(self.active),
+            ops.convert_to_tensor(np.int32(steps)),
+        )
+        total, val_loss, improved = (
+            ops.convert_to_numpy(a) for a in (total, val_loss, improved)
+        )
+        trained = np.flatnonzero(self.active)
+        for r in trained:
+            loss = float(total[r] / np.float32(len(self._subsets[r])))
+            val = float(val_loss[r])
+            self.histories[r].append({"epoch": epoch, "loss": loss, "val_loss": val})
+            if not (np.isfinite(loss) and np.isfinite(val)):
+                raise FloatingPointError(
+                    f"fine-tuning run {r} (seed {self.jobs[r].seed}) diverged at epoch "
+                    f"{epoch} (loss {loss}, val_loss {val}); lower the learning rate"
+                )
+            if improved[r]:
+                self.best_epochs[r] = epoch
+            elif epoch - self.best_epochs[r] >= config.patience:
+                self.active[r] = False
+        if epoch >= config.max_epochs:
+            self.active[:] = False
+        if self._log is not None:
+            self._log(
+                f"epoch {epoch}: {len(trained)} runs trained, val_loss "
+                f"{val_loss[trained].min():.4f} to {val_loss[trained].max():.4f}; "
+                f"{int(self.active.sum())} still training"
+            )
+        return bool(self.active.any())
+
+    def results(self) -> list[RunResult]:
+        """Each run's test metrics at its best epoch, with its history."""
+        from keras import ops
+
+        state = self._state
+        logits = self.tuner._logits(state.best_params, state.best_stats, self._x_test)
+        predictions = ops.convert_to_numpy(logits).argmax(axis=-1)
+        seconds = (time.perf_counter() - self._started) / len(self.jobs)
+        return [
+            RunResult(
+                metrics=classification_metrics(
+                    self._y_test, predictions[r], self.tuner.n_classes
+                ),
+                history=self.histories[r],
+                epochs=len(self.histories[r]),
+                best_epoch=self.best_epochs[r],
+                n_train=int(len(self._subsets[r])),
+                seconds=seconds,
+            )
+            for r in range(len(self.jobs))
+        ]
+
+    def state(self, run: int) -> dict[str, list[np.ndarray] | np.ndarray]:
+        """One run's current values, as NumPy: every field of `StackedState`."""
+        from keras import ops
+
+        return {
+            name: (
+                [ops.convert_to_numpy(a)[run] for a in value]
+                if isinstance(value, tuple)
+                else ops.convert_to_numpy(value)[run]
+            )
+            for name, value in self._state._asdict().items()
+        }
+
+    def best_weights(self, run: int) -> list[np.ndarray]:
+        """One run's weights at its best epoch, in `classifier.get_weights()` order.
+
+        Loads into the classifier `build_classifier` builds (`set_weights`), e.g. to
+        save a run's model.
+        """
+        state = self.state(run)
+        params, stats = state["best_params"], state["best_stats"]
+        if self.tuner.mode == "frozen":
+            encoder = [np.asarray(w) for w in self.jobs[run].encoder_weights]
+        else:
+            encoder = []
+            for i in range(self.tuner._blocks):
+                encoder += params[4 * i : 4 * i + 4] + stats[2 * i : 2 * i + 2]
+        return encoder + params[-2:]
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _compile(fn):
+    """`fn` compiled once per input shapes: `jax.jit`, or an XLA `tf.function`."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True)
+
+
+def _value_and_grad(fn):
+    """`params -> ((value, aux), grads)` of `fn(params) -> (value, aux)`, any backend."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.value_and_grad(fn, has_aux=True)
+    import tensorflow as tf
+
+    def value_and_grad(params):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            value, aux = fn(params)
+        return (value, aux), tuple(tape.gradient(value, params))
+
+    return value_and_grad
+
+
+def _dense(x, kernel, bias):
+    """A stacked Dense layer: `x` is `[runs, rows, in]`, or `[rows, in]` for all runs."""
+    from keras import ops
+
+    equation = "bi,rio->rbo" if len(x.shape) == 2 else "rbi,rio->rbo"
+    return ops.einsum(equation, x, kernel) + ops.expand_dims(bias, 1)
+
+
+def _masked_moments(h, mask):
+    """Per run, the mean and (biased) variance of `h` over the rows where `mask` is 1."""
+    from keras import ops
+
+    weights = ops.expand_dims(mask, -1)
+    # A run without rows gets moments of 0 (it is not updated; this avoids 0 / 0).
+    count = ops.expand_dims(ops.maximum(ops.sum(mask, axis=1), 1.0), -1)
+    mean = ops.sum(h * weights, axis=1) / count
+    centred = h - ops.expand_dims(mean, 1)
+    variance = ops.sum(ops.square(centred) * weights, axis=1) / count
+    return mean, variance
+
+
+def _normalize(h, mean, variance, gamma, beta, epsilon):
+    """Keras's `ops.batch_normalization`, with per-run `[runs, units]` parameters."""
+    from keras import ops
+
+    inv = ops.rsqrt(variance + epsilon) * gamma
+    return h * ops.expand_dims(inv, 1) + ops.expand_dims(beta - mean * inv, 1)
+
+
+def _cross_entropy(y, logits, n_classes: int):
+    """Sparse categorical cross-entropy from logits, per row: `[runs, rows]`."""
+    from keras import ops
+
+    log_probs = ops.log_softmax(logits, axis=-1)
+    return -ops.sum(ops.one_hot(y, n_classes) * log_probs, axis=-1)
+
+
+def _per_run(values, like):
+    """`[runs]` values shaped to broadcast against `like` (runs on axis 0)."""
+    from keras import ops
+
+    return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
+
+
+def _select(condition, new, old) -> tuple:
+    """Per run, `new` where `condition` holds, else `old` (the same bits)."""
+    from keras import ops
+
+    return tuple(ops.where(_per_run(condition, n), n, o) for n, o in zip(new, old))
+
+
+def _encoder_identity(job: Job) -> tuple:
+    """What makes two frozen jobs share embeddings: their key, else the same list."""
+    if job.encoder_key is not None:
+        return ("key", job.encoder_key)
+    return ("object", id(job.encoder_weights))
+
+
+def _per_group(tables: list[np.ndarray], group: np.ndarray) -> np.ndarray:
+    """One encoder's embeddings shared by every run, or each run's `[runs, rows, w]`."""
+    if len(tables) == 1:
+        return tables[0]
+    return np.stack([tables[g] for g in group])
