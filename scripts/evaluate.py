@@ -139,6 +139,12 @@ def _add_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--jobs", type=int, default=1,
                    help="parallel local shards (default: %(default)s)")  # fmt: skip
     s.add_argument("--threads", type=int, help="TensorFlow threads per process")
+    s.add_argument("--parallel-runs", default="auto", metavar="N",
+                   help="fine-tuning runs trained together as one stacked model "
+                   "(auto: the fastest on this device; 1: one at a time)")
+    s.add_argument("--tensorboard", action="store_true",
+                   help="write each run's loss and accuracy per epoch to "
+                   "OUT/tensorboard/ (off by default: thousands of runs)")
     FINETUNE_FLAGS.add_to(s)
     PRETRAIN_FLAGS.add_to(s)
     s.add_argument(
@@ -261,13 +267,16 @@ def _sweep(args) -> int:
     # Before TensorFlow starts: checking the data starts it.
     sweeps.set_threads(args.threads)
     shard = sweeps.parse_parallelism(args.jobs, args.shard)
+    options = sweeps.SweepOptions(
+        sweeps.parse_parallel_runs(args.parallel_runs), args.tensorboard
+    )
     experiment = experiment_of(args)
     out = args.out or os.path.join("results", f"{args.command}-{experiment.setting}")
     plan = sweeps.plan_sweep(experiment, out, shard)
     for line in plan.notes:
         log_line("warning: " + line.removeprefix("note: "))
     code = sweeps.run_sweep(
-        plan, jobs=args.jobs, threads=args.threads, log=log_line
+        plan, jobs=args.jobs, threads=args.threads, log=log_line, options=options
     )
     if shard is not None:
         log_line(f"shard {args.shard} done; when every shard is:")

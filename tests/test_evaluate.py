@@ -221,6 +221,27 @@ def test_label_efficiency_writes_results_table_and_figure(label_efficiency):
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
 
 
+def test_stacked_runs_give_the_one_at_a_time_results(cli, label_efficiency, tmp_path):
+    """--parallel-runs (auto: stacked on CPU too) against one run at a time."""
+    _, out, args = label_efficiency
+    single = str(tmp_path / "single")
+    assert cli.main([*args, "--out", single, "--parallel-runs", "1"]) == 0
+    stacked = {results.row_key(r): r for r in rows(os.path.join(out, "results.csv"))}
+    alone = {results.row_key(r): r for r in rows(os.path.join(single, "results.csv"))}
+    assert stacked.keys() == alone.keys()
+    for key, row in stacked.items():
+        other = alone[key]
+        assert (row["seed"], row["n_train"], row["epochs"], row["best_epoch"]) == (
+            other["seed"], other["n_train"], other["epochs"], other["best_epoch"]
+        ), key
+        # Floating-point order differs: at most one test prediction may flip.
+        assert float(row["accuracy"]) == pytest.approx(
+            float(other["accuracy"]), abs=0.02
+        )
+    assert cli.main([*args, "--out", str(tmp_path / "x"), "--parallel-runs", "0"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_rerun_skips_finished_runs(cli, label_efficiency, capsys):
     _, out, args = label_efficiency
     before = rows(os.path.join(out, "results.csv"))

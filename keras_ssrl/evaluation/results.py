@@ -40,6 +40,8 @@ from keras_ssrl.files import (
 
 EXPERIMENT_JSON = "experiment.json"
 RESULTS = "results"
+# Per-run TensorBoard logs of a sweep run with --tensorboard.
+TENSORBOARD_DIR = "tensorboard"
 RESULT_COLUMNS = (
     "setting", "method", "mode", "architecture", "q", "p", "repeat", "seed",
     "n_train", "accuracy", "balanced_accuracy", "macro_f1", "epochs", "best_epoch",

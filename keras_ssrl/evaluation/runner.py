@@ -9,6 +9,7 @@ would later stop on before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from keras_ssrl.evaluation.experiments import (
     shard_units,
 )
 from keras_ssrl.evaluation.results import (
+    TENSORBOARD_DIR,
     ResultsTable,
     check_out,
     prepare_out,
@@ -40,6 +42,9 @@ from keras_ssrl.evaluation.results import (
 from keras_ssrl.finetuning import (
     FinetuneData,
     Finetuner,
+    Job,
+    RunResult,
+    StackedFinetuner,
     check_labelled_splits,
     classification_metrics,
     load_encoder_weights,
@@ -47,6 +52,80 @@ from keras_ssrl.finetuning import (
     stratified_subset,
     subset_seed,
 )
+from keras_ssrl.finetuning.run import write_tensorboard
+
+# ------------------------------------------------------------------------ options
+
+PARALLEL_AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep's runs are carried out; not part of the experiment.
+
+    Attributes:
+        parallel_runs: runs of one architecture, mode and encoder trained together as
+            one stacked model (`keras_ssrl.finetuning.StackedFinetuner`); `auto` picks
+            `auto_parallel_runs()`, 1 trains one run at a time. Results are the same
+            either way, up to floating-point order.
+        tensorboard: write each run's loss and accuracy per epoch under
+            `OUT/tensorboard/<run>/` (off by default: thousands of runs).
+    """
+
+    parallel_runs: int | str = PARALLEL_AUTO
+    tensorboard: bool = False
+
+    def resolved(self) -> int:
+        if self.parallel_runs == PARALLEL_AUTO:
+            return auto_parallel_runs()
+        return int(self.parallel_runs)
+
+    def argv(self) -> list[str]:
+        """The same options as command-line flags (for `--jobs` workers)."""
+        args = ["--parallel-runs", str(self.parallel_runs)]
+        return args + (["--tensorboard"] if self.tensorboard else [])
+
+
+def parse_parallel_runs(value: str) -> int | str:
+    """`--parallel-runs`: `auto` or an integer >= 1."""
+    if value == PARALLEL_AUTO:
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ProtocolError(f"--parallel-runs must be auto or >= 1, got {value!r}")
+    return number
+
+
+def auto_parallel_runs() -> int:
+    """The number of stacked runs that was fastest on this kind of device.
+
+    Measured with `benchmarks/finetune_scale.py` (see benchmarks/README.md): on a GPU
+    a batch-8 step is launch-bound, so the more runs the better, up to every run of a
+    label fraction (7 kinds x 5 repeats); on CPU cores stacking pays while a step's
+    arithmetic is small against its call overhead.
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if jax.default_backend() != "cpu":
+            return 35
+    else:
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            return 35
+    return AUTO_CPU_PARALLEL_RUNS
+
+
+# Stacked runs per call on CPU cores (benchmarks/README.md, "Fine-tuning at paper
+# scale").
+AUTO_CPU_PARALLEL_RUNS = 8
+
 
 # ------------------------------------------------------------------------ progress
 
@@ -272,12 +351,21 @@ def logistic_regression(data: FinetuneData, subset: np.ndarray, seed: int) -> di
 class Runner:
     """Runs units into a results table, reusing one `Finetuner` per architecture/mode."""
 
-    def __init__(self, experiment: Experiment, out_dir: str, log=print, verbose=0):
+    def __init__(
+        self,
+        experiment: Experiment,
+        out_dir: str,
+        log=print,
+        verbose=0,
+        options: SweepOptions | None = None,
+    ):
         self.experiment, self.out_dir, self.log = experiment, out_dir, log
         self.verbose = verbose
+        self.options = options or SweepOptions()
         self.pretrain_data, self.finetune_data = setting_data(experiment, log=log)
         self.data = load_finetune_data(os.path.abspath(self.finetune_data))
         self._tuners: dict[tuple[int, int, str], Finetuner] = {}
+        self._stacked: dict[tuple[int, int, str], StackedFinetuner] = {}
         self._weights: dict[str, list[np.ndarray]] = {}
 
     def encoder_run(self, spec: PretrainSpec) -> str:
@@ -313,21 +401,65 @@ class Runner:
             )
         return self._tuners[key]
 
+    def _stacked_tuner(self, layers: int, width: int, mode: str) -> StackedFinetuner:
+        key = (layers, width, mode)
+        if key not in self._stacked:
+            self._stacked[key] = StackedFinetuner(
+                self.data.n_genes,
+                len(self.data.classes),
+                EncoderConfig(layers=layers, width=width),
+                mode,
+                self.experiment.finetune,
+            )
+        return self._stacked[key]
+
+    def _subset(self, spec: RunSpec) -> tuple[int, np.ndarray]:
+        seed = subset_seed(self.experiment.seed, spec.p, spec.repeat)
+        return seed, stratified_subset(self.data.train.y, spec.p, seed)
+
     def run(self, spec: RunSpec, encoder_run: str | None) -> dict:
         """Trains and scores one run; returns its results row."""
-        e = self.experiment
-        seed = subset_seed(e.seed, spec.p, spec.repeat)
-        subset = stratified_subset(self.data.train.y, spec.p, seed)
+        seed, subset = self._subset(spec)
         started = time.perf_counter()
         if spec.method == LOGREG:
-            metrics, epochs, best = logistic_regression(self.data, subset, seed), 0, 0
-        else:
-            weights = self._encoder_weights(encoder_run) if encoder_run else None
-            mode = "unfrozen" if spec.mode == NO_MODE else spec.mode
-            result = self._tuner(spec.layers, spec.width, mode).run(
-                self.data, subset, seed, weights, encoder_key=encoder_run
+            metrics = logistic_regression(self.data, subset, seed)
+            return self._row(spec, seed, subset, metrics, 0, 0, started)
+        weights = self._encoder_weights(encoder_run) if encoder_run else None
+        result = self._tuner(spec.layers, spec.width, _mode(spec)).run(
+            self.data, subset, seed, weights, encoder_key=encoder_run
+        )
+        return self._finish(spec, seed, subset, result, started)
+
+    def run_many(self, specs: list[RunSpec], encoder_run: str | None) -> list[dict]:
+        """Trains `specs` (one architecture, mode and encoder) as one stacked model."""
+        first = specs[0]
+        weights = self._encoder_weights(encoder_run) if encoder_run else None
+        subsets = [self._subset(spec) for spec in specs]
+        jobs = [
+            Job(subset, seed, weights, encoder_key=encoder_run)
+            for seed, subset in subsets
+        ]
+        started = time.perf_counter()
+        tuner = self._stacked_tuner(first.layers, first.width, _mode(first))
+        results = tuner.run_many(self.data, jobs)
+        share = (time.perf_counter() - started) / len(specs)
+        return [
+            self._finish(spec, seed, subset, result, time.perf_counter() - share)
+            for spec, (seed, subset), result in zip(specs, subsets, results)
+        ]
+
+    def _finish(self, spec, seed, subset, result: RunResult, started: float) -> dict:
+        if self.options.tensorboard:
+            write_tensorboard(
+                os.path.join(self.out_dir, TENSORBOARD_DIR, "-".join(spec.key)),
+                result.history,
             )
-            metrics, epochs, best = result.metrics, result.epochs, result.best_epoch
+        return self._row(
+            spec, seed, subset, result.metrics, result.epochs, result.best_epoch,
+            started,
+        )  # fmt: skip
+
+    def _row(self, spec, seed, subset, metrics, epochs, best, started) -> dict:
         return {
             "setting": spec.setting, "method": spec.method, "mode": spec.mode,
             "architecture": spec.architecture, "q": f"{spec.q:g}", "p": f"{spec.p:g}",
@@ -354,6 +486,7 @@ def run_experiment(
     shard: tuple[int, int] | None = None,
     log: Callable[[str], None] = print,
     progress_stream=None,
+    options: SweepOptions | None = None,
 ) -> str:
     """Runs (or resumes) the experiment's runs of one shard; returns the results path.
 
@@ -372,16 +505,56 @@ def run_experiment(
     log(f"{label}: {total} runs, {total - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return table.path
-    runner = Runner(experiment, out_dir, log=log)
+    options = options or SweepOptions()
+    runner = Runner(experiment, out_dir, log=log, options=options)
+    parallel = options.resolved()
+    if parallel > 1:
+        log(f"fine-tuning {parallel} runs at a time (stacked; --parallel-runs)")
     progress = Progress(len(todo), label, stream=progress_stream)
     encoders: dict[str, str] = {}
-    for unit, spec in todo:
+    for unit, specs in _batches(todo, parallel, experiment):
         encoder_run = None
         if unit.pretrain is not None:
             if unit.pretrain.name not in encoders:
                 encoders[unit.pretrain.name] = runner.encoder_run(unit.pretrain)
             encoder_run = encoders[unit.pretrain.name]
-        row = runner.run(spec, encoder_run)
-        table.append(row)
-        progress.update(f"{spec.method} {spec.mode} p={spec.p:g} acc {row['accuracy']}")
+        if len(specs) > 1:
+            rows = runner.run_many(specs, encoder_run)
+        else:
+            rows = [runner.run(specs[0], encoder_run)]
+        for spec, row in zip(specs, rows):
+            table.append(row)
+            progress.update(
+                f"{spec.method} {spec.mode} p={spec.p:g} acc {row['accuracy']}"
+            )
     return table.path
+
+
+def _mode(spec: RunSpec) -> str:
+    return "unfrozen" if spec.mode == NO_MODE else spec.mode
+
+
+def _batches(todo, parallel: int, experiment: Experiment):
+    """`(unit, specs)` groups of consecutive runs one stacked model can train.
+
+    Runs stack when they share the unit (hence the encoder), the architecture and the
+    mode; logistic regression, and encoders with dropout, run one at a time.
+    """
+    group: list = []
+
+    def key(unit, spec):
+        return (id(unit), spec.layers, spec.width, _mode(spec))
+
+    for unit, spec in todo:
+        alone = parallel == 1 or spec.method == LOGREG
+        if group and (
+            alone or len(group) == parallel or key(*group[0]) != key(unit, spec)
+        ):
+            yield group[0][0], [s for _, s in group]
+            group = []
+        if alone:
+            yield unit, [spec]
+        else:
+            group.append((unit, spec))
+    if group:
+        yield group[0][0], [s for _, s in group]

@@ -34,7 +34,13 @@ from keras_ssrl.evaluation.results import (
     merge,
     prepare_out,
 )
-from keras_ssrl.evaluation.runner import check_data, pretrain_encoders, run_experiment
+from keras_ssrl.evaluation.runner import (
+    SweepOptions,
+    check_data,
+    parse_parallel_runs,
+    pretrain_encoders,
+    run_experiment,
+)
 from keras_ssrl.evaluation.summaries import summarize
 from keras_ssrl.files import LockedError
 from keras_ssrl.finetuning import FinetuneError
@@ -120,25 +126,36 @@ def merge_folder(out: str, log=print) -> int:
 
 
 def run_sweep(
-    plan: Plan, *, jobs: int = 1, threads: int | None = None, log=print
+    plan: Plan,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    log=print,
+    options: SweepOptions | None = None,
 ) -> int:
     """Runs a planned sweep; returns an exit status (0, or `EXIT_MISSING`).
 
     With `jobs` > 1 the shards run in parallel worker processes (`threads` each,
     default the cores shared out) and are merged; an unsharded sweep is merged and
-    summarised; a shard leaves that to `merge_folder` once all are done.
+    summarised; a shard leaves that to `merge_folder` once all are done. `options`
+    (stacked runs, TensorBoard) apply to every process.
     """
+    options = options or SweepOptions()
     if jobs > 1:
         with evaluation_lock(plan.out):
-            return _run_workers(plan, jobs, threads, log)
+            return _run_workers(plan, jobs, threads, log, options)
     with evaluation_lock(plan.out, plan.shard):
-        run_experiment(plan.experiment, plan.out, shard=plan.shard, log=log)
+        run_experiment(
+            plan.experiment, plan.out, shard=plan.shard, log=log, options=options
+        )
         if plan.shard is None:
             return merge_and_summarize(plan.out, log=log)
     return 0
 
 
-def _run_workers(plan: Plan, jobs: int, threads: int | None, log) -> int:
+def _run_workers(
+    plan: Plan, jobs: int, threads: int | None, log, options: SweepOptions
+) -> int:
     """Runs `jobs` shards as worker processes, then merges.
 
     The caller holds the folder's lock; each worker takes its shard's own lock.
@@ -150,7 +167,8 @@ def _run_workers(plan: Plan, jobs: int, threads: int | None, log) -> int:
         pretrain_encoders(experiment, out, log=log)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     command = [sys.executable, "-m", _WORKER, "--out", out, "--threads", str(threads),
-               "--experiment", json.dumps(experiment.to_json())]  # fmt: skip
+               "--experiment", json.dumps(experiment.to_json()),
+               *options.argv()]  # fmt: skip
     workers = [
         subprocess.Popen([*command, "--shard", f"{i}/{jobs}"])
         for i in range(1, jobs + 1)
@@ -170,13 +188,18 @@ def _worker(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--shard", required=True)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--parallel-runs", default="auto")
+    parser.add_argument("--tensorboard", action="store_true")
     args = parser.parse_args(argv)
     try:
         set_threads(args.threads)
         experiment = Experiment.from_json(json.loads(args.experiment))
         shard = parse_shard(args.shard)
+        options = SweepOptions(
+            parse_parallel_runs(args.parallel_runs), args.tensorboard
+        )
         with evaluation_lock(args.out, shard):
-            run_experiment(experiment, args.out, shard=shard)
+            run_experiment(experiment, args.out, shard=shard, options=options)
     except USER_ERRORS as error:
         return report_error(error)  # 1 for damaged data, else 2
     return 0

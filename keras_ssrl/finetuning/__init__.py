@@ -49,6 +49,7 @@ from keras_ssrl.finetuning.settings import (
     FinetuneError,
     validate_finetune_config,
 )
+from keras_ssrl.finetuning.stacked import Job, StackedFinetuner
 from keras_ssrl.finetuning.trainer import (
     Finetuner,
     RunResult,
@@ -63,8 +64,10 @@ __all__ = [
     "FinetuneData",
     "FinetuneError",
     "Finetuner",
+    "Job",
     "LabelledSplit",
     "RunResult",
+    "StackedFinetuner",
     "build_classifier",
     "check_labelled_splits",
     "classification_metrics",
