@@ -222,10 +222,11 @@ def test_label_efficiency_writes_results_table_and_figure(label_efficiency):
 
 
 def test_stacked_runs_give_the_one_at_a_time_results(cli, label_efficiency, tmp_path):
-    """--parallel-runs (auto: stacked on CPU too) against one run at a time."""
-    _, out, args = label_efficiency
-    single = str(tmp_path / "single")
+    """--parallel-runs 4 (every kind of run stacked) against one run at a time."""
+    _, _, args = label_efficiency
+    single, out = str(tmp_path / "single"), str(tmp_path / "stacked")
     assert cli.main([*args, "--out", single, "--parallel-runs", "1"]) == 0
+    assert cli.main([*args, "--out", out, "--parallel-runs", "4"]) == 0
     stacked = {results.row_key(r): r for r in rows(os.path.join(out, "results.csv"))}
     alone = {results.row_key(r): r for r in rows(os.path.join(single, "results.csv"))}
     assert stacked.keys() == alone.keys()

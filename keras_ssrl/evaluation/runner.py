@@ -66,7 +66,7 @@ class SweepOptions:
     Attributes:
         parallel_runs: runs of one architecture, mode and encoder trained together as
             one stacked model (`keras_ssrl.finetuning.StackedFinetuner`); `auto` picks
-            `auto_parallel_runs()`, 1 trains one run at a time. Results are the same
+            `auto_parallel_runs(mode)`, 1 trains one run at a time. Results are the same
             either way, up to floating-point order.
         tensorboard: write each run's loss and accuracy per epoch under
             `OUT/tensorboard/<run>/` (off by default: thousands of runs).
@@ -75,9 +75,10 @@ class SweepOptions:
     parallel_runs: int | str = PARALLEL_AUTO
     tensorboard: bool = False
 
-    def resolved(self) -> int:
+    def resolved(self, mode: str) -> int:
+        """Runs per stacked model for fine-tuning `mode`."""
         if self.parallel_runs == PARALLEL_AUTO:
-            return auto_parallel_runs()
+            return auto_parallel_runs(mode)
         return int(self.parallel_runs)
 
     def argv(self) -> list[str]:
@@ -99,32 +100,35 @@ def parse_parallel_runs(value: str) -> int | str:
     return number
 
 
-def auto_parallel_runs() -> int:
+def auto_parallel_runs(mode: str) -> int:
     """The number of stacked runs that was fastest on this kind of device.
 
-    Measured with `benchmarks/finetune_scale.py` (see benchmarks/README.md): on a GPU
-    a batch-8 step is launch-bound, so the more runs the better, up to every run of a
-    label fraction (7 kinds x 5 repeats); on CPU cores stacking pays while a step's
-    arithmetic is small against its call overhead.
+    On a GPU a batch-8 step is launch-bound, so every run of a label fraction (7 kinds
+    x 5 repeats) goes into one model. On CPU cores (measured, 16 runs of the built-in
+    data, benchmarks/README.md): frozen runs train only a head on fixed embeddings and
+    stack 2-4x faster; an unfrozen step is bound by memory traffic over the weights and
+    Adam state, which stacking multiplies past the caches (0.6-0.9x), so those run one
+    at a time.
     """
+    if _has_accelerator():
+        return GPU_PARALLEL_RUNS
+    return CPU_FROZEN_PARALLEL_RUNS if mode == "frozen" else 1
+
+
+GPU_PARALLEL_RUNS = 35
+CPU_FROZEN_PARALLEL_RUNS = 16
+
+
+def _has_accelerator() -> bool:
     import keras
 
     if keras.backend.backend() == "jax":
         import jax
 
-        if jax.default_backend() != "cpu":
-            return 35
-    else:
-        import tensorflow as tf
+        return jax.default_backend() != "cpu"
+    import tensorflow as tf
 
-        if tf.config.list_logical_devices("GPU"):
-            return 35
-    return AUTO_CPU_PARALLEL_RUNS
-
-
-# Stacked runs per call on CPU cores (benchmarks/README.md, "Fine-tuning at paper
-# scale").
-AUTO_CPU_PARALLEL_RUNS = 8
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 # ------------------------------------------------------------------------ progress
@@ -507,12 +511,9 @@ def run_experiment(
         return table.path
     options = options or SweepOptions()
     runner = Runner(experiment, out_dir, log=log, options=options)
-    parallel = options.resolved()
-    if parallel > 1:
-        log(f"fine-tuning {parallel} runs at a time (stacked; --parallel-runs)")
     progress = Progress(len(todo), label, stream=progress_stream)
     encoders: dict[str, str] = {}
-    for unit, specs in _batches(todo, parallel, experiment):
+    for unit, specs in _batches(todo, options):
         encoder_run = None
         if unit.pretrain is not None:
             if unit.pretrain.name not in encoders:
@@ -534,11 +535,11 @@ def _mode(spec: RunSpec) -> str:
     return "unfrozen" if spec.mode == NO_MODE else spec.mode
 
 
-def _batches(todo, parallel: int, experiment: Experiment):
+def _batches(todo, options: SweepOptions):
     """`(unit, specs)` groups of consecutive runs one stacked model can train.
 
     Runs stack when they share the unit (hence the encoder), the architecture and the
-    mode; logistic regression, and encoders with dropout, run one at a time.
+    mode, up to `options.resolved(mode)` runs; logistic regression runs alone.
     """
     group: list = []
 
@@ -546,9 +547,10 @@ def _batches(todo, parallel: int, experiment: Experiment):
         return (id(unit), spec.layers, spec.width, _mode(spec))
 
     for unit, spec in todo:
+        parallel = options.resolved(_mode(spec))
         alone = parallel == 1 or spec.method == LOGREG
         if group and (
-            alone or len(group) == parallel or key(*group[0]) != key(unit, spec)
+            alone or len(group) >= parallel or key(*group[0]) != key(unit, spec)
         ):
             yield group[0][0], [s for _, s in group]
             group = []
