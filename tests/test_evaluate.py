@@ -221,12 +221,26 @@ def test_label_efficiency_writes_results_table_and_figure(label_efficiency):
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
 
 
-def test_stacked_runs_give_the_one_at_a_time_results(cli, label_efficiency, tmp_path):
+def test_stacked_runs_give_the_one_at_a_time_results(
+    cli, label_efficiency, tmp_path, monkeypatch
+):
     """--parallel-runs 4 (every kind of run stacked) against one run at a time."""
+    from keras_ssrl.finetuning import StackedFinetuner
+
     _, _, args = label_efficiency
     single, out = str(tmp_path / "single"), str(tmp_path / "stacked")
     assert cli.main([*args, "--out", single, "--parallel-runs", "1"]) == 0
+    calls = []
+    run_many = StackedFinetuner.run_many
+
+    def counted(self, data, jobs, **kwargs):
+        calls.append((self.mode, len(jobs)))
+        return run_many(self, data, jobs, **kwargs)
+
+    monkeypatch.setattr(StackedFinetuner, "run_many", counted)
     assert cli.main([*args, "--out", out, "--parallel-runs", "4"]) == 0
+    # baseline, scarf frozen, scarf unfrozen: the 2 fractions of each in one model.
+    assert sorted(calls) == [("frozen", 2), ("unfrozen", 2), ("unfrozen", 2)]
     stacked = {results.row_key(r): r for r in rows(os.path.join(out, "results.csv"))}
     alone = {results.row_key(r): r for r in rows(os.path.join(single, "results.csv"))}
     assert stacked.keys() == alone.keys()

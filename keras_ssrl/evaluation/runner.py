@@ -538,13 +538,15 @@ def _mode(spec: RunSpec) -> str:
 def _batches(todo, options: SweepOptions):
     """`(unit, specs)` groups of consecutive runs one stacked model can train.
 
-    Runs stack when they share the unit (hence the encoder), the architecture and the
-    mode, up to `options.resolved(mode)` runs; logistic regression runs alone.
+    Runs stack when they share the encoder (the unit's pre-training run, or none),
+    the architecture and the mode, up to `options.resolved(mode)` runs; logistic
+    regression runs alone.
     """
     group: list = []
 
     def key(unit, spec):
-        return (id(unit), spec.layers, spec.width, _mode(spec))
+        encoder = unit.pretrain.name if unit.pretrain is not None else None
+        return (encoder, spec.method, spec.layers, spec.width, _mode(spec))
 
     for unit, spec in todo:
         parallel = options.resolved(_mode(spec))
