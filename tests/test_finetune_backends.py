@@ -1,6 +1,6 @@
 """Fine-tuning on either Keras backend: the same runs, the same results, no TensorFlow.
 
-`Finetuner` has one training loop per backend (keras_ssrl/finetuning/trainer.py). These
+`Finetuner` has one training loop per backend (keras_ssrl/finetuning/loops.py). These
 tests train the same tiny runs (same data, subsets and seeds; the data built from NumPy
 arrays):
 

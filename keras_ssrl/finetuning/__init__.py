@@ -10,12 +10,18 @@ Modules:
 
 - `settings`: `MODES`, `BASELINE`, `FinetuneError`, `validate_finetune_config`.
 - `data`: the labelled splits in memory (`load_finetune_data`), the dataset checks
-  (`check_labelled_splits`) and the stratified subsets (`subset_seed`,
-  `stratified_subset`).
+  (`check_labelled_splits`), the stratified subsets (`subset_seed`,
+  `stratified_subset`) and the check of a subset's indices (`check_subset`).
 - `model`: `build_classifier` and the pre-trained encoder (`pretraining_record`,
   `encoder_config_of`, `load_encoder_weights`).
+- `initialization`: initial weights drawn with NumPy, the same on every backend
+  (`reinitialize`, `reseed`).
+- `loops`: the epochs of one run, one loop per Keras backend (`TensorFlowLoop`,
+  `JaxLoop`, `TrainState`).
 - `trainer`: `Finetuner`, the loop that reuses its graphs across thousands of small runs,
   and `classification_metrics`.
+- `stacked_ops`, `stacked_model`, `stacked`: many runs trained at once as one stacked
+  model (`StackedFinetuner`, `Job`).
 - `run`: `finetune`, one run written to a run folder (`scripts/finetune.py`).
 
 Example:
@@ -32,6 +38,7 @@ from keras_ssrl.finetuning.data import (
     FinetuneData,
     LabelledSplit,
     check_labelled_splits,
+    check_subset,
     load_finetune_data,
     stratified_subset,
     subset_seed,
@@ -70,6 +77,7 @@ __all__ = [
     "StackedFinetuner",
     "build_classifier",
     "check_labelled_splits",
+    "check_subset",
     "classification_metrics",
     "encoder_config_of",
     "finetune",

@@ -5,7 +5,8 @@ tiny test split, from the manifest alone), `load_finetune_data` (the `finetune`,
 `finetune_val` and `test` splits in memory, standardised, cached per folder), and the
 stratified subsets of the label-efficiency protocol (`subset_seed`, `stratified_subset`:
 the same (p, repeat) gives every method the same subset; docs/protocol.md, "Label
-efficiency and AUPC").
+efficiency and AUPC"), and `check_subset`, which both trainers use to refuse a subset
+that does not index the training split.
 """
 
 from __future__ import annotations
@@ -192,3 +193,33 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
         for c, n in enumerate(per_class)
     ]
     return np.sort(np.concatenate(chosen))
+
+
+def check_subset(subset, n_train: int) -> np.ndarray:
+    """`subset` as int32 indices, refused unless it picks rows of the training split.
+
+    Args:
+        subset: indices into the training split (e.g. from `stratified_subset`).
+        n_train: the number of samples in the training split.
+
+    Returns:
+        The indices as a 1-D int32 array.
+
+    Raises:
+        FinetuneError: a subset that is empty, not 1-D, not integer, or indexes
+            outside `[0, n_train)`.
+    """
+    subset = np.asarray(subset)
+    if subset.ndim != 1 or not len(subset) or subset.dtype.kind not in "iu":
+        raise FinetuneError(
+            f"subset must be a non-empty 1-D array of integer indices into the "
+            f"training split, got shape {subset.shape} and dtype {subset.dtype}; "
+            "draw it with stratified_subset(data.train.y, fraction, seed)"
+        )
+    outside = subset[(subset < 0) | (subset >= n_train)]
+    if len(outside):
+        raise FinetuneError(
+            f"subset index {int(outside[0])} is outside the training split "
+            f"({n_train} samples): indices must be in [0, {n_train})"
+        )
+    return subset.astype(np.int32)

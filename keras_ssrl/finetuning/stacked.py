@@ -28,6 +28,12 @@ at a time (`parallel_runs=1`).
 
 Backends: the same `keras.ops` code runs under TensorFlow (`tf.function(jit_compile=True)`,
 TensorFlow imported only there) and JAX (`jax.jit`, pure functions of explicit state).
+
+The maths of the stacked model, pure functions of the state, lives in
+`keras_ssrl.finetuning.stacked_model` (`StackedState`, re-exported here, and
+`StackedClassifier`), built from the stacked layers of `keras_ssrl.finetuning.stacked_ops`.
+This module owns the runs around it: the jobs, their initial weights, the frozen
+embeddings, the batch orders, early stopping and the scores.
 """
 
 from __future__ import annotations
@@ -36,24 +42,25 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 
 from keras_ssrl.config import EncoderConfig, FinetuneConfig
-from keras_ssrl.finetuning.data import FinetuneData
+from keras_ssrl.finetuning.data import FinetuneData, check_subset
+from keras_ssrl.finetuning.initialization import reinitialize
 from keras_ssrl.finetuning.model import build_classifier
 from keras_ssrl.finetuning.settings import (
     MODES,
     FinetuneError,
     validate_finetune_config,
 )
-from keras_ssrl.finetuning.trainer import (
-    RunResult,
-    _checked_subset,
-    _reinitialize,
-    classification_metrics,
-)
+from keras_ssrl.finetuning.stacked_model import StackedClassifier, StackedState
+from keras_ssrl.finetuning.stacked_ops import compile_fn
+from keras_ssrl.finetuning.trainer import RunResult, classification_metrics
+
+# `StackedState` is defined with the stacked model; re-exported, as callers import it
+# from here.
+__all__ = ["Job", "StackedFinetuner", "StackedRuns", "StackedState"]
 
 # Rows per call when embedding a split with a frozen encoder.
 _CHUNK = 2048
@@ -79,34 +86,6 @@ class Job:
     seed: int
     encoder_weights: list[np.ndarray] | None
     encoder_key: str | None = None
-
-
-class StackedState(NamedTuple):
-    """The state of N runs: each field holds arrays with the runs on axis 0.
-
-    A pytree (JAX) and a nested structure (TensorFlow), so one compiled epoch takes it
-    and returns the next.
-
-    Attributes:
-        params: the trained weights: per encoder block (unfrozen mode only) the Dense
-            kernel and bias and the BatchNorm gamma and beta, then the head's kernel and
-            bias.
-        stats: per encoder block (unfrozen mode only) the BatchNorm moving mean and
-            moving variance.
-        momentums, velocities: Adam's moments, shaped as `params`.
-        steps: int32 `[runs]`, the Adam steps each run has taken.
-        best_params, best_stats: `params` and `stats` at each run's best epoch so far.
-        best_loss: float32 `[runs]`, each run's lowest validation loss so far.
-    """
-
-    params: tuple
-    stats: tuple
-    momentums: tuple
-    velocities: tuple
-    steps: object
-    best_params: tuple
-    best_stats: tuple
-    best_loss: object
 
 
 class StackedFinetuner:
@@ -178,21 +157,15 @@ class StackedFinetuner:
         self.n_genes, self.n_classes = n_genes, n_classes
         self.encoder_config, self.mode, self.config = encoder_config, mode, config
         self._build_template()
-        adam = keras.optimizers.Adam(config.learning_rate)
-        self._adam = (
-            float(config.learning_rate),
-            float(adam.beta_1),
-            float(adam.beta_2),
-            float(adam.epsilon),
-        )
-        self._epoch = _compile(self._train_epoch, donate_first=True)
-        self._logits = _compile(self._inference_logits)
+        self._epoch = compile_fn(self._stacked.train_epoch, donate_first=True)
+        self._logits = compile_fn(self._stacked.inference_logits)
 
     def _build_template(self) -> None:
-        """The Keras classifier the runs' initial weights are drawn from (float32).
+        """The Keras classifier the runs' initial weights are drawn from (float32), and
+        the stacked model that trains them.
 
-        It is the model `Finetuner` builds; its variables are re-drawn for each job and
-        read, never trained.
+        The classifier is the model `Finetuner` builds; its variables are re-drawn for
+        each job and read, never trained.
         """
         import keras
 
@@ -220,8 +193,6 @@ class StackedFinetuner:
                 "stacked fine-tuning expects build_encoder's [Dense -> BatchNorm -> "
                 "ReLU] blocks; use parallel_runs=1 for another encoder"
             )
-        self._bn_epsilon = float(norms[0].epsilon)
-        self._bn_momentum = float(norms[0].momentum)
         # What a run trains and what it reads back, in `StackedState`'s order.
         self._param_variables, self._stat_variables = [], []
         if self.mode == "unfrozen":
@@ -231,7 +202,21 @@ class StackedFinetuner:
                 )
                 self._stat_variables.extend((norm.moving_mean, norm.moving_variance))
         self._param_variables += [self.head.kernel, self.head.bias]
-        self._blocks = len(dense) if self.mode == "unfrozen" else 0
+        adam = keras.optimizers.Adam(self.config.learning_rate)
+        # Keras's own constants, so that each run computes what `Finetuner`'s layers and
+        # optimizer compute.
+        self._stacked = StackedClassifier(
+            blocks=len(dense) if self.mode == "unfrozen" else 0,
+            n_classes=self.n_classes,
+            bn_epsilon=float(norms[0].epsilon),
+            bn_momentum=float(norms[0].momentum),
+            adam=(
+                float(self.config.learning_rate),
+                float(adam.beta_1),
+                float(adam.beta_2),
+                float(adam.epsilon),
+            ),
+        )
 
     # ------------------------------------------------------------------ the runs
 
@@ -283,10 +268,10 @@ class StackedFinetuner:
     def _initial_values(self, job: Job) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """A job's initial params and stats, drawn as `Finetuner.reset` draws them."""
         rng = np.random.default_rng(job.seed)
-        _reinitialize(self.head, rng)
+        reinitialize(self.head, rng)
         if self.mode == "unfrozen":
             if job.encoder_weights is None:
-                _reinitialize(self.encoder, rng)
+                reinitialize(self.encoder, rng)
             else:
                 self.encoder.set_weights(job.encoder_weights)
         return (
@@ -307,147 +292,6 @@ class StackedFinetuner:
                 for i in range(0, len(x), _CHUNK)
             ]
         ).astype(np.float32)
-
-    # ------------------------------------------- pure functions of the stacked state
-
-    def _forward(self, params, stats, x, mask=None):
-        """Logits `[runs, rows, classes]` of `x`, and the batch moments in training.
-
-        Args:
-            params, stats: as in `StackedState`.
-            x: `[runs, rows, features]`, or `[rows, features]` shared by every run.
-            mask: None for inference (BatchNorm uses the moving statistics), or float
-                `[runs, rows]`, 1 for a run's real rows: BatchNorm in training mode,
-                with moments over those rows only.
-
-        Returns:
-            The logits and, in training mode, each block's batch `(mean, variance)`.
-        """
-        from keras import ops
-
-        h, moments = x, []
-        for i in range(self._blocks):
-            kernel, bias, gamma, beta = params[4 * i : 4 * i + 4]
-            h = _dense(h, kernel, bias)
-            if mask is None:
-                mean, variance = stats[2 * i], stats[2 * i + 1]
-            else:
-                mean, variance = _masked_moments(h, mask)
-                moments.append((mean, variance))
-            h = ops.relu(_normalize(h, mean, variance, gamma, beta, self._bn_epsilon))
-        return _dense(h, params[-2], params[-1]), moments
-
-    def _inference_logits(self, params, stats, x):
-        return self._forward(params, stats, x)[0]
-
-    def _train_step(self, state: StackedState, x, y, mask):
-        """One Adam step of every run on its batch; runs without rows stay untouched.
-
-        Args:
-            state: the `StackedState` before the step.
-            x, y: `[runs, batch, features]` inputs and `[runs, batch]` labels.
-            mask: float `[runs, batch]`, 1 for real rows.
-
-        Returns:
-            The next state, and per run: the mean loss over its real rows, its correct
-            predictions among them (training mode, before the step) and their count.
-        """
-        from keras import ops
-
-        rows = ops.sum(mask, axis=1)
-        stepped = rows > 0
-
-        def loss_fn(params):
-            logits, moments = self._forward(params, state.stats, x, mask)
-            per_row = _cross_entropy(y, logits, self.n_classes) * mask
-            # Each run's mean over its real rows: summed over runs, the gradient of a
-            # run's weights is that of its own loss.
-            per_run = ops.sum(per_row, axis=1) / ops.maximum(rows, 1.0)
-            return ops.sum(per_run), (per_run, moments, _hits(y, logits, mask))
-
-        (_, (loss, moments, hits)), grads = _value_and_grad(loss_fn)(state.params)
-        params, momentums, velocities = self._adam_step(state, grads, stepped)
-        # Keras's BatchNormalization: moving = moving * momentum + batch * (1 - m).
-        momentum, stats = self._bn_momentum, []
-        for moving, batch in zip(
-            state.stats, [value for pair in moments for value in pair]
-        ):
-            stats.append(moving * momentum + batch * (1.0 - momentum))
-        state = state._replace(
-            params=params,
-            stats=_select(stepped, stats, state.stats),
-            momentums=momentums,
-            velocities=velocities,
-            steps=state.steps + ops.cast(stepped, "int32"),
-        )
-        return state, loss, hits, rows
-
-    def _adam_step(self, state: StackedState, grads, stepped):
-        """Keras's Adam update, each run with its own step count, where it stepped."""
-        from keras import ops
-
-        lr, beta_1, beta_2, epsilon = self._adam
-        step = ops.cast(state.steps + 1, "float32")
-        beta_1_power = ops.power(ops.cast(beta_1, "float32"), step)
-        beta_2_power = ops.power(ops.cast(beta_2, "float32"), step)
-        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-        params, momentums, velocities = [], [], []
-        for p, g, m, v in zip(state.params, grads, state.momentums, state.velocities):
-            a = _per_run(alpha, p)
-            m = m + (g - m) * (1 - beta_1)
-            v = v + (ops.square(g) - v) * (1 - beta_2)
-            params.append(p - (m * a) / (ops.sqrt(v) + epsilon))
-            momentums.append(m)
-            velocities.append(v)
-        return (
-            _select(stepped, params, state.params),
-            _select(stepped, momentums, state.momentums),
-            _select(stepped, velocities, state.velocities),
-        )
-
-    def _train_epoch(self, state: StackedState, data, orders, mask, active, steps):
-        """One epoch of every run, then each run's validation loss and best state.
-
-        Args:
-            state: the `StackedState` before the epoch.
-            data: `(x, y, x_val, y_val)`: the batches take rows of `x` and `y` by
-                `orders`; `x_val` is `[rows, features]` shared by every run or
-                `[runs, rows, features]`.
-            orders: int32 `[max_steps, runs, batch]` row indices, the run's shuffled
-                subset then padding.
-            mask: float `[max_steps, runs, batch]`, 1 for real rows.
-            active: bool `[runs]`, the runs that train this epoch.
-            steps: int32 scalar, the steps this epoch (its longest run's batches).
-
-        Returns:
-            The next state and, per run: its training loss summed over its rows, its
-            correct training predictions, its validation loss and accuracy, and
-            whether the validation loss improved on its best (for active runs).
-        """
-        from keras import ops
-
-        x, y, x_val, y_val = data
-
-        def body(i, carry):
-            state, total, correct = carry
-            rows = orders[i]
-            state, loss, hits, count = self._train_step(
-                state, ops.take(x, rows, axis=0), ops.take(y, rows, axis=0), mask[i]
-            )
-            return state, total + loss * count, correct + hits
-
-        zero = ops.zeros_like(state.best_loss)
-        state, total, correct = ops.fori_loop(0, steps, body, (state, zero, zero))
-        logits = self._forward(state.params, state.stats, x_val)[0]
-        val_loss = ops.mean(_cross_entropy(y_val, logits, self.n_classes), axis=1)
-        val_accuracy = _hits(y_val, logits) / ops.cast(ops.shape(y_val)[0], "float32")
-        improved = ops.logical_and(active, val_loss < state.best_loss)
-        state = state._replace(
-            best_params=_select(improved, state.params, state.best_params),
-            best_stats=_select(improved, state.stats, state.best_stats),
-            best_loss=ops.where(improved, val_loss, state.best_loss),
-        )
-        return state, total, correct, val_loss, val_accuracy, improved
 
 
 class StackedRuns:
@@ -483,7 +327,7 @@ class StackedRuns:
         frozen = tuner.mode == "frozen"
         if frozen and any(job.encoder_weights is None for job in jobs):
             raise FinetuneError("frozen fine-tuning needs a pre-trained encoder")
-        self._subsets = [_checked_subset(job.subset, n_train) for job in jobs]
+        self._subsets = [check_subset(job.subset, n_train) for job in jobs]
         splits = (data.train.x, data.val.x, data.test.x)
         if frozen:
             # The encoder is a fixed function: embed each split once per encoder.
@@ -565,25 +409,9 @@ class StackedRuns:
         if not self.active.any():
             return False
         config = self.tuner.config
-        batch, runs = config.batch_size, len(self.jobs)
         self.epochs_run += 1
         epoch = self.epochs_run
-        length = self._max_steps * batch
-        orders = np.zeros((self._max_steps, runs, batch), np.int32)
-        mask = np.zeros((self._max_steps, runs, batch), np.float32)
-        steps = 0
-        for r in np.flatnonzero(self.active):
-            # The batch order `Finetuner._fit` draws: one permutation per epoch run.
-            order = self._rngs[r].permutation(self._subsets[r])
-            n = len(order)
-            # Padding rows point at the run's first row: finite, masked out.
-            rows = np.full(length, self._offsets[r], np.int32)
-            rows[:n] = order + self._offsets[r]
-            real = np.zeros(length, np.float32)
-            real[:n] = 1.0
-            orders[:, r] = rows.reshape(-1, batch)
-            mask[:, r] = real.reshape(-1, batch)
-            steps = max(steps, math.ceil(n / batch))
+        orders, mask, steps = self._batches()
         self._state, *out = self.tuner._epoch(
             self._state,
             self._data,
@@ -627,6 +455,33 @@ class StackedRuns:
                 f"{int(self.active.sum())} still training"
             )
         return bool(self.active.any())
+
+    def _batches(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """This epoch's batches of every active run, drawn from each run's generator.
+
+        Returns:
+            int32 `[max_steps, runs, batch]` rows of the training table (each run's
+            shuffled subset, then padding), the float32 mask of its real rows, shaped
+            alike, and the number of steps of the longest run.
+        """
+        batch, runs = self.tuner.config.batch_size, len(self.jobs)
+        length = self._max_steps * batch
+        orders = np.zeros((self._max_steps, runs, batch), np.int32)
+        mask = np.zeros((self._max_steps, runs, batch), np.float32)
+        steps = 0
+        for r in np.flatnonzero(self.active):
+            # The batch order `Finetuner._fit` draws: one permutation per epoch run.
+            order = self._rngs[r].permutation(self._subsets[r])
+            n = len(order)
+            # Padding rows point at the run's first row: finite, masked out.
+            rows = np.full(length, self._offsets[r], np.int32)
+            rows[:n] = order + self._offsets[r]
+            real = np.zeros(length, np.float32)
+            real[:n] = 1.0
+            orders[:, r] = rows.reshape(-1, batch)
+            mask[:, r] = real.reshape(-1, batch)
+            steps = max(steps, math.ceil(n / batch))
+        return orders, mask, steps
 
     def results(self) -> list[RunResult]:
         """Each run's test metrics at its best epoch, with its history."""
@@ -673,114 +528,9 @@ class StackedRuns:
             encoder = [np.asarray(w) for w in self.jobs[run].encoder_weights]
         else:
             encoder = []
-            for i in range(self.tuner._blocks):
+            for i in range(self.tuner._stacked.blocks):
                 encoder += params[4 * i : 4 * i + 4] + stats[2 * i : 2 * i + 2]
         return encoder + params[-2:]
-
-
-# ------------------------------------------------------------------------- helpers
-
-
-def _compile(fn, donate_first: bool = False):
-    """`fn` compiled once per input shapes: `jax.jit`, or an XLA `tf.function`.
-
-    `donate_first`: under JAX, `fn` may reuse the buffers of its first argument (the
-    state it replaces), which spares copying every stacked weight at each call.
-    """
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(fn, donate_argnums=(0,) if donate_first else ())
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True)
-
-
-def _value_and_grad(fn):
-    """`params -> ((value, aux), grads)` of `fn(params) -> (value, aux)`, any backend."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.value_and_grad(fn, has_aux=True)
-    import tensorflow as tf
-
-    def value_and_grad(params):
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            value, aux = fn(params)
-        return (value, aux), tuple(tape.gradient(value, params))
-
-    return value_and_grad
-
-
-def _dense(x, kernel, bias):
-    """A stacked Dense layer: `x` is `[runs, rows, in]`, or `[rows, in]` for all runs."""
-    from keras import ops
-
-    if len(x.shape) == 2:
-        # A batched matmul over a broadcast copy: XLA on CPU runs `bi,rio->rbo` (no
-        # batch dimension) 2-3 times slower than `rbi,rio->rbo`.
-        x = ops.broadcast_to(x, (kernel.shape[0], *x.shape))
-    return ops.einsum("rbi,rio->rbo", x, kernel) + ops.expand_dims(bias, 1)
-
-
-def _masked_moments(h, mask):
-    """Per run, the mean and (biased) variance of `h` over the rows where `mask` is 1."""
-    from keras import ops
-
-    weights = ops.expand_dims(mask, -1)
-    # A run without rows gets moments of 0 (it is not updated; this avoids 0 / 0).
-    count = ops.expand_dims(ops.maximum(ops.sum(mask, axis=1), 1.0), -1)
-    mean = ops.sum(h * weights, axis=1) / count
-    centred = h - ops.expand_dims(mean, 1)
-    variance = ops.sum(ops.square(centred) * weights, axis=1) / count
-    return mean, variance
-
-
-def _normalize(h, mean, variance, gamma, beta, epsilon):
-    """Keras's `ops.batch_normalization`, with per-run `[runs, units]` parameters."""
-    from keras import ops
-
-    inv = ops.rsqrt(variance + epsilon) * gamma
-    return h * ops.expand_dims(inv, 1) + ops.expand_dims(beta - mean * inv, 1)
-
-
-def _cross_entropy(y, logits, n_classes: int):
-    """Sparse categorical cross-entropy from logits, per row: `[runs, rows]`."""
-    from keras import ops
-
-    log_probs = ops.log_softmax(logits, axis=-1)
-    return -ops.sum(ops.one_hot(y, n_classes) * log_probs, axis=-1)
-
-
-def _hits(y, logits, mask=None):
-    """Per run, the correct predictions of `logits` `[runs, rows, classes]` (float32),
-    among the rows where `mask` is 1 (all rows without one)."""
-    from keras import ops
-
-    predicted = ops.argmax(logits, axis=-1)
-    correct = ops.cast(ops.equal(predicted, ops.cast(y, predicted.dtype)), "float32")
-    if mask is not None:
-        correct = correct * mask
-    return ops.sum(correct, axis=-1)
-
-
-def _per_run(values, like):
-    """`[runs]` values shaped to broadcast against `like` (runs on axis 0)."""
-    from keras import ops
-
-    return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
-
-
-def _select(condition, new, old) -> tuple:
-    """Per run, `new` where `condition` holds, else `old` (the same bits)."""
-    from keras import ops
-
-    return tuple(ops.where(_per_run(condition, n), n, o) for n, o in zip(new, old))
 
 
 def _encoder_identity(job: Job) -> tuple:
