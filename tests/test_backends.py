@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.blockers import import_blocker
 from tests.conftest import ROOT, converted_builtin
 
 # Two CPU devices for JAX: `keras.distribution.DataParallel` then splits each batch.
@@ -95,16 +96,8 @@ def test_jax_data_parallel_gradients_equal_the_one_device_step():
 
 
 # The training core on a JAX-only machine: any import of TensorFlow fails.
-WITHOUT_TENSORFLOW = r"""
-import importlib.abc, sys
-
-class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, NoTensorFlow())
+WITHOUT_TENSORFLOW = import_blocker("tensorflow") + r"""
+import sys
 
 import keras, numpy as np
 from keras_ssrl import encoders, heads, losses, layers, methods

@@ -34,6 +34,7 @@ from keras_ssrl.finetuning import (
     LabelledSplit,
     stratified_subset,
 )
+from tests.blockers import import_blocker
 
 BACKEND = keras.backend.backend()
 N_GENES, CLASSES = 20, ["a", "b", "c"]
@@ -113,20 +114,10 @@ def train_runs() -> list[dict]:
 
 # Run with `python -c` under KERAS_BACKEND=jax: TensorFlow cannot be imported, as on a
 # machine without it; prints the runs as JSON on the last line.
-JAX_WITHOUT_TENSORFLOW = r"""
-import importlib.abc
+JAX_WITHOUT_TENSORFLOW = import_blocker("tensorflow") + r"""
 import json
 import sys
 
-
-class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-
-sys.meta_path.insert(0, NoTensorFlow())
 import keras
 
 from tests.test_finetune_backends import train_runs

@@ -22,20 +22,14 @@ import numpy as np
 import pytest
 
 from keras_ssrl.config import FULL_FRACTIONS, FinetuneConfig
+from tests.blockers import import_blocker
 from tests.conftest import ROOT, load_script
 
-SCRIPT = r"""
-import importlib.abc, json, os, sys
-
+# As on the GPU machine: no TensorFlow, pandas or scikit-learn.
 BLOCKED = ("tensorflow", "pandas", "sklearn")
+SCRIPT = import_blocker(*BLOCKED) + f"BLOCKED = {BLOCKED!r}\n" + r"""
+import json, os, sys
 
-class Blocked(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, Blocked())
 sys.path.insert(0, "benchmarks")
 import finetune_scale
 

@@ -16,18 +16,12 @@ import os
 import subprocess
 import sys
 
+from tests.blockers import import_blocker
 from tests.conftest import ROOT
 
-SCRIPTS = r"""
-import importlib.abc, json, os, sys
+SCRIPTS = import_blocker("tensorflow") + r"""
+import json, os, sys
 
-class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, NoTensorFlow())
 sys.path.insert(0, "benchmarks")  # where `python benchmarks/precision_jax.py` looks
 import gpu_scale, precision_jax
 from keras_ssrl.config import PretrainConfig

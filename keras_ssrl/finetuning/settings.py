@@ -42,3 +42,26 @@ def validate_finetune_config(config: FinetuneConfig) -> None:
         raise FinetuneError(
             f"learning_rate must be a finite number > 0, got {config.learning_rate}"
         )
+
+
+# The Keras backends with a compiled fine-tuning loop (`loops.py`, `stacked_model.py`).
+BACKENDS = ("tensorflow", "jax")
+
+
+def check_tuner_setup(mode: str, config, what: str = "fine-tuning") -> None:
+    """Refuses an unknown mode, an invalid config or an unsupported Keras backend.
+
+    Raises:
+        FinetuneError: naming the value and what to do.
+    """
+    import keras
+
+    if mode not in MODES:
+        raise FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
+    validate_finetune_config(config)
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise FinetuneError(
+            f"{what} runs on the {' and '.join(BACKENDS)} backends of Keras, not "
+            f"{backend!r}; set KERAS_BACKEND to one of them"
+        )

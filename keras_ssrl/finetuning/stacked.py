@@ -49,11 +49,7 @@ from keras_ssrl.config import EncoderConfig, FinetuneConfig
 from keras_ssrl.finetuning.data import FinetuneData, check_subset
 from keras_ssrl.finetuning.initialization import reinitialize
 from keras_ssrl.finetuning.model import build_classifier
-from keras_ssrl.finetuning.settings import (
-    MODES,
-    FinetuneError,
-    validate_finetune_config,
-)
+from keras_ssrl.finetuning.settings import FinetuneError, check_tuner_setup
 from keras_ssrl.finetuning.stacked_model import StackedClassifier, StackedState
 from keras_ssrl.finetuning.stacked_ops import compile_fn
 from keras_ssrl.finetuning.trainer import RunResult, classification_metrics
@@ -64,8 +60,6 @@ __all__ = ["Job", "StackedFinetuner", "StackedRuns", "StackedState"]
 
 # Rows per call when embedding a split with a frozen encoder.
 _CHUNK = 2048
-# The Keras backends with a compiled stacked loop.
-_BACKENDS = ("tensorflow", "jax")
 
 
 @dataclasses.dataclass
@@ -137,17 +131,7 @@ class StackedFinetuner:
         mode: str,
         config: FinetuneConfig,
     ):
-        import keras
-
-        if mode not in MODES:
-            raise FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
-        validate_finetune_config(config)
-        backend = keras.backend.backend()
-        if backend not in _BACKENDS:
-            raise FinetuneError(
-                f"stacked fine-tuning runs on the {' and '.join(_BACKENDS)} backends "
-                f"of Keras, not {backend!r}; set KERAS_BACKEND to one of them"
-            )
+        check_tuner_setup(mode, config, "stacked fine-tuning")
         if encoder_config.dropout:
             raise FinetuneError(
                 f"stacked fine-tuning does not support dropout (the encoder has "

@@ -37,19 +37,13 @@ from keras_ssrl.finetuning.data import FinetuneData, check_subset
 from keras_ssrl.finetuning.initialization import reinitialize, reseed
 from keras_ssrl.finetuning.loops import JaxLoop, LoopParts, TensorFlowLoop, TrainState
 from keras_ssrl.finetuning.model import build_classifier
-from keras_ssrl.finetuning.settings import (
-    MODES,
-    FinetuneError,
-    validate_finetune_config,
-)
+from keras_ssrl.finetuning.settings import FinetuneError, check_tuner_setup
 
 # `TrainState` is defined with the JAX loop; re-exported, as callers import it from here.
 __all__ = ["Finetuner", "RunResult", "TrainState", "classification_metrics"]
 
 # Rows per graph call when embedding or scoring a whole split.
 _CHUNK = 2048
-# The Keras backends `Finetuner` has a training loop for.
-_BACKENDS = ("tensorflow", "jax")
 
 
 def classification_metrics(y_true, y_pred, n_classes: int) -> dict:
@@ -117,15 +111,7 @@ class Finetuner:
     ):
         import keras
 
-        if mode not in MODES:
-            raise FinetuneError(f"mode must be one of {MODES}, got {mode!r}")
-        validate_finetune_config(config)
-        backend = keras.backend.backend()
-        if backend not in _BACKENDS:
-            raise FinetuneError(
-                f"fine-tuning runs on the {' and '.join(_BACKENDS)} backends of Keras, "
-                f"not {backend!r}; set KERAS_BACKEND to one of them"
-            )
+        check_tuner_setup(mode, config)
         self.n_genes, self.n_classes = n_genes, n_classes
         self.encoder_config, self.mode, self.config = encoder_config, mode, config
         self._build_model()
@@ -141,7 +127,8 @@ class Finetuner:
         self.optimizer.build(self.model.trainable_variables)
         self._fresh_optimizer = [v.numpy() for v in self.optimizer.variables]
         self._loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        loop = TensorFlowLoop if backend == "tensorflow" else JaxLoop
+        tensorflow = keras.backend.backend() == "tensorflow"
+        loop = TensorFlowLoop if tensorflow else JaxLoop
         self._loop = loop(self._loop_parts())
         self._features_of: tuple | None = None
         self._encoder_holds: str | None = None
