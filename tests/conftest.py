@@ -149,4 +149,3 @@ def tiny_scarf_run(labelled_dir, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("pretrained") / "scarf")
     run_pretraining(tiny_pretrain_config(), labelled_dir, run_dir, verbose=0, log=quiet)
     return run_dir
-
